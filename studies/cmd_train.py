@@ -1,0 +1,7 @@
+"""CLI commands: train (work in progress)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the root app."""
