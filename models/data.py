@@ -182,7 +182,7 @@ def render_scene(objects: Sequence[dict[str, Any]], resolution: int) -> np.ndarr
     draw = ImageDraw.Draw(img)
     for obj in objects:
         _draw(draw, obj, side)
-    return np.asarray(img.resize((resolution, resolution), Image.Resampling.BOX))
+    return np.array(img.resize((resolution, resolution), Image.Resampling.BOX))
 
 
 @DATASETS.register("shapes")
