@@ -1,0 +1,174 @@
+"""Diffusion math around the denoiser: noise schedule, training loss, sampling, per-timestep diagnostics.
+
+The loss takes `t` and the noise as arguments (DiT's `training_losses(model, x, t, ...)`): the timestep
+sampler and the loss weighting stay separate axes and tests are deterministic. Sampling runs its own
+loop over `scheduler.timesteps` through the same `Denoiser.forward`, so the time-embedding and
+conditioning axes act identically in training and at sampling.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin
+from torch import Tensor
+
+from diffablate.models.config import ConfigError, DiffusionConfig
+from diffablate.models.data import to_uint8
+from diffablate.models.registry import Registry
+from diffablate.models.text import TextEmbedding
+
+if TYPE_CHECKING:
+    from diffablate.models.config import RunConfig
+    from diffablate.models.denoiser import Denoiser
+    from diffablate.models.text import TextEncoder
+
+
+def build_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
+    """The training noise schedule (also the source config of every sampling scheduler)."""
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        prediction_type=cfg.prediction_type,
+        clip_sample=True,  # pixel-space images live in [-1, 1]: clip the predicted x0 there (DDPM's choice)
+    )
+
+
+# --- training loss -------------------------------------------------------------------------------
+
+# Target of the network's output for each diffusion.prediction_type: f(scheduler, x0, noise, t).
+TARGETS: dict[str, Callable[[DDPMScheduler, Tensor, Tensor, Tensor], Tensor]] = {
+    "epsilon": lambda scheduler, x0, noise, t: noise,
+    "v_prediction": lambda scheduler, x0, noise, t: scheduler.get_velocity(x0, noise, t),
+}
+
+
+def training_target(scheduler: DDPMScheduler, x0: Tensor, noise: Tensor, t: Tensor, prediction_type: str) -> Tensor:
+    """What the network should output at (x0, noise, t): epsilon, or v = sqrt(a) eps - sqrt(1 - a) x0."""
+    try:
+        target = TARGETS[prediction_type]
+    except KeyError:
+        raise ConfigError(f"diffusion.prediction_type: must be one of {list(TARGETS)}, got {prediction_type!r}") from None
+    return target(scheduler, x0, noise, t)
+
+
+def training_losses(denoiser: "Denoiser", scheduler: DDPMScheduler, x0: Tensor, t: Tensor, noise: Tensor,
+                    text: TextEmbedding, prediction_type: str) -> Tensor:
+    """Per-example unweighted MSE [B] (mean over C, H, W) of the denoiser at timesteps `t` with `noise`.
+
+    The caller applies the sampler's importance weights and the loss weighting, then averages.
+    """
+    x_t = scheduler.add_noise(x0, noise, t)
+    target = training_target(scheduler, x0, noise, t, prediction_type)
+    out = denoiser(x_t, t, text)
+    # float32 for the reduction: under bf16 autocast the squared errors would lose their low bits.
+    return (out.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+
+
+# --- sampling --------------------------------------------------------------------------------------
+
+SAMPLERS: Registry[Callable[[DDPMScheduler], SchedulerMixin]] = Registry("sampler")
+
+
+@SAMPLERS.register("ddim")
+def _ddim(train_scheduler: DDPMScheduler) -> SchedulerMixin:
+    # Deterministic (eta = 0): the same initial noise gives the same image.
+    return DDIMScheduler.from_config(train_scheduler.config)
+
+
+@SAMPLERS.register("ddpm")
+def _ddpm(train_scheduler: DDPMScheduler) -> SchedulerMixin:
+    # Ancestral sampling; fewer steps than T re-space the schedule (diffusers' set_timesteps).
+    return DDPMScheduler.from_config(train_scheduler.config)
+
+
+class _eval_mode:
+    """Put modules in eval mode for a block and restore each one's previous mode after it."""
+
+    def __init__(self, *modules: torch.nn.Module) -> None:
+        self.modules = modules
+
+    def __enter__(self) -> None:
+        self.modes = [m.training for m in self.modules]
+        for m in self.modules:
+            m.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for m, mode in zip(self.modules, self.modes):
+            m.train(mode)
+
+
+@torch.no_grad()
+def generate(denoiser: "Denoiser", text_encoder: "TextEncoder", captions: list[str], *, cfg: "RunConfig",
+             sampler: str = "ddim", steps: int = 50, guidance_scale: float = 3.0, generator: torch.Generator,
+             device: torch.device | str, batch_size: int = 256) -> Tensor:
+    """Sample one image per caption with classifier-free guidance; uint8 [N, C, H, W] on the CPU.
+
+    Guidance: eps = eps(x, "") + s * (eps(x, caption) - eps(x, "")) (the same mix for v). The
+    unconditional pass is skipped when s == 1 or the conditioning ignores the text. All initial noise is
+    drawn up front from `generator` (on the generator's device), so with DDIM the images do not depend on
+    `batch_size`; with DDPM the step noise also comes from `generator`. Same generator seed, same images.
+    """
+    make = SAMPLERS.get(sampler)
+    train_scheduler = build_scheduler(cfg.diffusion)
+    res, ch = cfg.data.resolution, denoiser.image_channels
+    noise = torch.randn(len(captions), ch, res, res, generator=generator, device=generator.device)
+    guided = guidance_scale != 1.0 and not denoiser.ignores_text
+    out: list[Tensor] = []
+    with _eval_mode(denoiser, text_encoder):
+        for start in range(0, len(captions), batch_size):
+            batch = list(captions[start:start + batch_size])
+            n = len(batch)
+            # Conditional and unconditional rows share one forward pass (one launch sequence on the GPU).
+            text = text_encoder(batch + [""] * n if guided else batch).to(device)
+            scheduler = make(train_scheduler)
+            scheduler.set_timesteps(steps, device=device)
+            x = noise[start:start + n].to(device)
+            for t in scheduler.timesteps:
+                tt = t.to(device=device, dtype=torch.long).expand(2 * n if guided else n)
+                pred = denoiser(torch.cat([x, x]) if guided else x, tt, text)
+                if guided:
+                    cond, uncond = pred.float().chunk(2)
+                    pred = uncond + guidance_scale * (cond - uncond)
+                x = scheduler.step(pred.float(), t, x, generator=generator).prev_sample
+            out.append(to_uint8(x).cpu())
+    return torch.cat(out) if out else torch.zeros(0, ch, res, res, dtype=torch.uint8)
+
+
+# --- per-timestep diagnostic ------------------------------------------------------------------------
+
+
+def bucket_edges(num_timesteps: int, buckets: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(t_lo, t_hi, t_mid) long [K]: bucket k = [t_lo, t_hi) = [floor(kT/K), floor((k+1)T/K)), t_mid its middle."""
+    k = torch.arange(buckets + 1)
+    edges = k * num_timesteps // buckets
+    lo, hi = edges[:-1], edges[1:]
+    return lo, hi, (lo + hi - 1) // 2
+
+
+@torch.no_grad()
+def timestep_bucket_losses(denoiser: "Denoiser", scheduler: DDPMScheduler, x0: Tensor, text: TextEmbedding,
+                           buckets: int, generator: torch.Generator, *, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """Held-out loss on a fixed timestep grid: (t_mid long [K], mean unweighted MSE float [K]), on the CPU.
+
+    Every example is evaluated at the middle timestep of each of the K buckets of [0, T) (`bucket_edges`)
+    with one noise draw per example, shared by all buckets so the profile over t is not confounded by
+    noise. With a generator seeded identically at every evaluation the numbers are deterministic and
+    comparable across steps and runs; their mean approximates the uniform-t held-out loss.
+    `x0` and `text` must already be on the denoiser's device.
+    """
+    prediction_type = scheduler.config.prediction_type
+    _, _, t_mid = bucket_edges(scheduler.config.num_train_timesteps, buckets)
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+    totals = torch.zeros(buckets, dtype=torch.float64, device=x0.device)  # summed on device: no per-batch sync
+    with _eval_mode(denoiser):
+        for start in range(0, len(x0), batch_size):
+            sl = slice(start, start + batch_size)
+            xb, nb, tb = x0[sl], noise[sl], text.index(sl)
+            for k, t in enumerate(t_mid.tolist()):
+                tt = torch.full((len(xb),), t, dtype=torch.long, device=x0.device)
+                totals[k] += training_losses(denoiser, scheduler, xb, tt, nb, tb, prediction_type).double().sum()
+    return t_mid, (totals / len(x0)).float().cpu()
