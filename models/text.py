@@ -70,6 +70,7 @@ TEXT_ENCODERS: Registry[TextEncoder] = Registry("text encoder")
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 SPECIALS = (PAD, UNK, BOS, EOS)  # ids 0..3; PAD = 0 so zero-initialised id tensors are padding
+_CACHE_SIZE = 1 << 16  # captions whose ids are memoised per tokenizer
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")  # words (with "'s"), each punctuation mark alone
 
 
@@ -93,6 +94,8 @@ class WordTokenizer:
             raise ValueError("tokenizer vocabulary has duplicate words")
         self.max_length = max_length
         self._warned = False
+        self._index: dict[str, int] = {}  # caption -> its row of self._table
+        self._table = torch.zeros(0, max_length, dtype=torch.long)
 
     @classmethod
     def from_captions(cls, captions: Iterable[str], max_length: int) -> "WordTokenizer":
@@ -117,13 +120,32 @@ class WordTokenizer:
 
     def __call__(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """(ids long [B, max_length], mask bool [B, max_length]) for a batch."""
-        ids = torch.zeros(len(captions), self.max_length, dtype=torch.long)  # PAD = 0
-        mask = torch.zeros(len(captions), self.max_length, dtype=torch.bool)
-        for i, c in enumerate(captions):
-            row = self.encode(c)
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = True
-        return ids, mask
+        # Runs on every training step and a dataset's captions repeat: padded rows are memoised in one
+        # table and a batch is a single index into it (bounded, in case captions are generated on the fly).
+        idx, new_rows, one_off = [], [], []
+        for c in captions:
+            i = self._index.get(c)
+            if i is None:
+                row = self.encode(c)
+                if len(self._index) < _CACHE_SIZE:
+                    i = self._index[c] = len(self._table) + len(new_rows)
+                    new_rows.append(row)
+                else:  # cache full: a one-off row, marked by a negative index
+                    one_off.append(row)
+                    i = -len(one_off)
+            idx.append(i)
+        if new_rows:
+            self._table = torch.cat([self._table, self._pad(new_rows)])
+        if one_off:
+            extra = self._pad(one_off)
+            ids = torch.stack([self._table[i] if i >= 0 else extra[-i - 1] for i in idx])
+        else:
+            ids = self._table[torch.tensor(idx, dtype=torch.long)]
+        return ids, ids != self.stoi[PAD]  # [PAD] appears only as padding
+
+    def _pad(self, rows: list[list[int]]) -> Tensor:
+        return torch.tensor([r + [0] * (self.max_length - len(r)) for r in rows],
+                            dtype=torch.long).reshape(-1, self.max_length)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Words of `ids`, special tokens dropped ([UNK] kept), joined by spaces."""

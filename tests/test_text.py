@@ -114,3 +114,15 @@ def test_clip_ctor_is_lazy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "clip" in out.stdout
+
+
+def test_memoised_rows_match_fresh_encoding_also_when_the_cache_is_full(monkeypatch):
+    caps = ["a red circle", "a blue square", "", "a red zebra", "a red circle", "a green triangle"]
+    fresh = text.WordTokenizer.from_captions(CAPTIONS, 12)
+    expected = [fresh.encode(c) for c in caps]
+    monkeypatch.setattr(text, "_CACHE_SIZE", 2)
+    tok = text.WordTokenizer.from_captions(CAPTIONS, 12)
+    for _ in range(2):  # second call: served from the table (and one-off rows past the bound)
+        ids, mask = tok(caps)
+        assert [row[m].tolist() for row, m in zip(ids, mask)] == expected
+    assert len(tok._index) == 2
