@@ -66,7 +66,9 @@ class TimestepSampler(ABC):
     ) -> tuple[Tensor, Tensor]:
         """Timesteps (long [B], each in [0, T)) and importance weights (float [B], > 0) on `device`."""
         t, w = self.draw(batch_size, step, generator)
-        return t.to(device=device, dtype=torch.long), w.to(device=device, dtype=torch.float32)
+        # non_blocking: with a CPU generator these are two tiny host->device copies that need not stall
+        return (t.to(device=device, dtype=torch.long, non_blocking=True),
+                w.to(device=device, dtype=torch.float32, non_blocking=True))
 
     def update(self, t: Tensor, losses: Tensor) -> None:
         """Feedback hook: the per-example *unweighted* losses of the batch drawn at `t`.
@@ -441,7 +443,9 @@ class LossWeighting:
         self.snr = ac / (1 - ac)
 
     def __call__(self, t: Tensor) -> Tensor:
-        return self.weights(self.snr.to(t.device)[t]).float()
+        if self.snr.device != t.device:  # once: then the lookup stays on t's device, no copy per step
+            self.snr = self.snr.to(t.device)
+        return self.weights(self.snr[t]).float()
 
     def weights(self, snr: Tensor) -> Tensor:
         return torch.ones_like(snr)
