@@ -53,6 +53,9 @@ GRID_PROMPTS = 16  # sample grids show the first 16 held-out captions ...
 GRID_SEED = 20231  # ... from the same noise in every run and trial, so grids compare side by side
 EVAL_NOISE_SEED = 7919  # fixed held-out noise: the per-bucket losses of different runs see the same x_t
 STREAMS = ("data", "dropout", "timestep", "noise")  # one generator each; "init" and "global" seed the rest
+# Config keys (prefixes) a resumed run may change: how long, how often, how fast - not what is trained.
+RESUME_MUTABLE = ("train.steps", "train.log_every", "train.eval_every", "train.sample_every",
+                  "train.checkpoint_every", "perf.", "device")
 
 
 class TrainingDiverged(RuntimeError):
@@ -477,11 +480,8 @@ def _setup(cfg: RunConfig, run_dir: Path, tracker: Tracker, resume: bool) -> _Ct
 
 
 def _check_resumable(cfg: RunConfig, path: Path) -> None:
-    # A resumed run must be the same experiment; only how long / how often / how fast may change.
-    mutable = ("train.steps", "train.log_every", "train.eval_every", "train.sample_every",
-               "train.checkpoint_every", "perf.", "device")
     saved = RunConfig.from_dict(ckpt.read_json(path, "config.json")).flat()
-    diff = sorted(k for k, v in cfg.flat().items() if saved.get(k) != v and not k.startswith(mutable))
+    diff = sorted(k for k, v in cfg.flat().items() if saved.get(k) != v and not k.startswith(RESUME_MUTABLE))
     if diff:
         raise ckpt.CheckpointError(
             f"{path}: cannot resume, the config differs in {diff} (resume=False / --no-resume starts over)")

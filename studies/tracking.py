@@ -1,0 +1,339 @@
+"""MLflow for diffablate: where the store is, experiments with relocatable artifacts, runs, and the Tracker.
+
+Default store (the contract): `sqlite:///<workdir>/mlflow.db` with artifacts under `<workdir>/mlartifacts/`.
+MLflow writes *absolute* artifact paths into the database (even a relative `artifact_location` is resolved
+against the current directory), so a copied work dir would point back at the original. Two measures keep a
+work dir relocatable (it travels to the GPU machine and back):
+
+1. each experiment gets an explicit artifact location next to its database, `<db dir>/mlartifacts/<name>`;
+2. a marker file `<db dir>/.diffablate-store.json` records the directory the store was last opened in.
+   Opening it anywhere else (`open_tracking`) rewrites the old prefix to the new one in the database
+   (experiments, runs, logged models) before MLflow reads it. Idempotent, so concurrent openers are safe.
+
+Everything goes through `MlflowClient` with explicit run ids (never the fluent `mlflow.start_run` global
+state), so the study engineer can run parent and child runs side by side from worker processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import sqlite3
+import tempfile
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+from urllib.parse import urlparse
+
+ARTIFACTS_DIR = "mlartifacts"
+DB_FILE = "mlflow.db"
+MARKER = ".diffablate-store.json"
+PARAMS_PER_BATCH = 100  # MLflow's log_batch limit for params
+METRICS_PER_BATCH = 1000  # ... and for metrics
+# URI schemes MLflow can track to; anything else is a typo we refuse before training starts.
+DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+KNOWN_SCHEMES = (*DB_SCHEMES, "file", "http", "https", "databricks")
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED", "RUNNING", "SCHEDULED")
+
+
+class TrackingError(RuntimeError):
+    """The tracking URI is malformed or unreachable, or an MLflow call failed; the message names the URI."""
+
+
+# --- where the store is ------------------------------------------------------------------------------------
+
+
+def default_tracking_uri(workdir: str | Path) -> str:
+    """`sqlite:///<abs workdir>/mlflow.db` (four slashes: an absolute path)."""
+    return f"sqlite:///{Path(workdir).resolve() / DB_FILE}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` URI (relative paths against the cwd); None for others / memory."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(rest).resolve() if rest else None
+
+
+def artifact_root(tracking_uri: str, workdir: str | Path | None = None) -> Path | None:
+    """Where experiments created by diffablate keep artifacts: beside a SQLite database, else under
+    `<workdir>/mlartifacts` for other database stores; None (the server decides) for http(s)/databricks/file."""
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        return db.parent / ARTIFACTS_DIR
+    if urlparse(tracking_uri).scheme.split("+")[0] in DB_SCHEMES and workdir is not None:
+        return Path(workdir).resolve() / ARTIFACTS_DIR
+    return None
+
+
+def validate_uri(uri: str) -> str:
+    """Syntax check (no I/O): a known scheme and what that scheme needs. Returns the URI unchanged."""
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+")[0]  # postgresql+psycopg2://...
+    examples = "sqlite:///path/mlflow.db, http://host:5000, postgresql://user@host/db, file:///path/mlruns"
+    if not parsed.scheme:
+        raise TrackingError(f"--tracking-uri {uri!r}: not a URI (no scheme); expected e.g. {examples}")
+    if scheme not in KNOWN_SCHEMES:
+        raise TrackingError(f"--tracking-uri {uri!r}: unknown scheme {parsed.scheme!r}; expected one of "
+                            f"{list(KNOWN_SCHEMES)}, e.g. {examples}")
+    if scheme == "sqlite" and not (uri.startswith("sqlite:///") or uri == "sqlite://"):
+        raise TrackingError(f"--tracking-uri {uri!r}: a SQLite URI is sqlite:///relative.db or sqlite:////abs/path.db")
+    if scheme in ("http", "https", *DB_SCHEMES[1:]) and not parsed.hostname:
+        raise TrackingError(f"--tracking-uri {uri!r}: no host")
+    if scheme in ("http", "https"):
+        try:
+            parsed.port  # noqa: B018 - raises ValueError for a non-numeric port
+        except ValueError:
+            raise TrackingError(f"--tracking-uri {uri!r}: invalid port") from None
+    return uri
+
+
+@contextlib.contextmanager
+def _fail_fast() -> Iterator[None]:
+    # MLflow retries HTTP requests for minutes by default; a reachability check should answer in seconds.
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_reachable(uri: str) -> None:
+    """One cheap round trip to the store; TrackingError with the cause if it fails."""
+    scheme = urlparse(uri).scheme.split("+")[0]
+    try:
+        if scheme in DB_SCHEMES[1:]:
+            # MLflow's own engine creation retries ~10 times with back-off; probe once, with a timeout.
+            import sqlalchemy
+
+            engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 10} if scheme == "postgresql" else {})
+            with engine.connect():
+                pass
+            engine.dispose()
+        with _fail_fast():
+            _client(uri).search_experiments(max_results=1)
+    except TrackingError:
+        raise
+    except Exception as e:  # noqa: BLE001 - connection errors come from many libraries
+        raise TrackingError(f"--tracking-uri {uri!r}: tracking store not reachable ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def relocate_store(db_path: Path) -> int:
+    """If the store directory moved since it was last opened, rewrite the artifact paths in the database.
+
+    Returns the number of rows changed. The marker records the directory; a database without one
+    (created elsewhere, or by plain MLflow) is adopted as is.
+    """
+    root = db_path.parent.resolve()
+    marker = root / MARKER
+    old_root: str | None = None
+    if marker.is_file():
+        try:
+            old_root = json.loads(marker.read_text()).get("root")
+        except (json.JSONDecodeError, AttributeError):
+            old_root = None
+    changed = 0
+    if old_root and old_root != str(root) and db_path.is_file():
+        old_prefix, new_prefix = f"{old_root}/{ARTIFACTS_DIR}", f"{root}/{ARTIFACTS_DIR}"
+        with contextlib.closing(sqlite3.connect(db_path, timeout=60)) as con, con:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            for table, col in (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                               ("logged_models", "artifact_location")):
+                if table not in tables:
+                    continue
+                # MLflow stores either a plain path or a file:// URI (percent-encoded or not).
+                for old, new in {(old_prefix, new_prefix), ("file://" + old_prefix, "file://" + new_prefix),
+                                 (Path(old_prefix).as_uri(), Path(new_prefix).as_uri())}:
+                    cur = con.execute(f"UPDATE {table} SET {col} = ? || substr({col}, ?) "  # noqa: S608 - fixed names
+                                      f"WHERE substr({col}, 1, ?) = ? AND ({col} = ? OR substr({col}, ?, 1) = '/')",
+                                      (new, len(old) + 1, len(old), old, old, len(old) + 1))
+                    changed += cur.rowcount
+    if old_root != str(root):
+        tmp = marker.with_name(f"{MARKER}.{uuid.uuid4().hex[:8]}.tmp")
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"root": str(root)}))
+        os.replace(tmp, marker)
+    return changed
+
+
+def open_tracking(tracking_uri: str | None, workdir: str | Path, *, check: bool = True) -> str:
+    """Resolve `--tracking-uri` (None = the work dir's SQLite store), validate it, relocate a moved SQLite
+    store, and (check=True) make one round trip so an unreachable store fails before any training."""
+    uri = default_tracking_uri(workdir) if tracking_uri is None else validate_uri(tracking_uri)
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        relocate_store(db)
+    if check:
+        check_reachable(uri)
+    return uri
+
+
+# --- experiments and runs ------------------------------------------------------------------------------------
+
+
+def _client(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _slug(name: str) -> str:
+    # Experiment names may hold anything; folder names should not. The hash keeps distinct names distinct.
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[:60]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def get_or_create_experiment(tracking_uri: str, name: str, *, workdir: str | Path | None = None,
+                             tags: Mapping[str, str] | None = None) -> str:
+    """Experiment id of `name`, creating it with an explicit artifact location (see module docstring)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise TrackingError(f"experiment {name!r} is deleted in {tracking_uri}; restore it or pick another name")
+        return exp.experiment_id
+    root = artifact_root(tracking_uri, workdir)
+    location = str(root / _slug(name)) if root is not None else None
+    try:
+        return client.create_experiment(name, artifact_location=location, tags=dict(tags or {}))
+    except MlflowException:
+        # Another worker created it between our lookup and create: use theirs.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def start_run(tracking_uri: str, experiment: str, run_name: str, parent_run_id: str | None = None,
+              tags: Mapping[str, str] | None = None, *, workdir: str | Path | None = None) -> str:
+    """Create a RUNNING run (a child of `parent_run_id` when given) and return its id."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    exp_id = get_or_create_experiment(tracking_uri, experiment, workdir=workdir)
+    all_tags = {k: str(v) for k, v in (tags or {}).items()}
+    if parent_run_id is not None:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    run = _client(tracking_uri).create_run(exp_id, run_name=run_name, tags=all_tags)
+    return run.info.run_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark a run terminated with `status` (FINISHED, FAILED or KILLED)."""
+    if status not in RUN_STATUSES:
+        raise ValueError(f"status: must be one of {list(RUN_STATUSES)}, got {status!r}")
+    _client(tracking_uri).set_terminated(run_id, status=status)
+
+
+def reopen_run(tracking_uri: str, run_id: str) -> None:
+    """Mark a terminated run RUNNING again (a resumed training run keeps logging to its first run)."""
+    _client(tracking_uri).update_run(run_id, status="RUNNING")
+
+
+def run_exists(tracking_uri: str, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = _client(tracking_uri).get_run(run_id)
+    except MlflowException:
+        return False
+    return run.info.lifecycle_stage != "deleted"
+
+
+# --- the Tracker ---------------------------------------------------------------------------------------------
+
+
+class MlflowTracker:
+    """`diffablate.models.tracker.Tracker` on one MLflow run (by id; works from any process)."""
+
+    def __init__(self, run_id: str, tracking_uri: str) -> None:
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.client = _client(tracking_uri)
+        self._tables: set[str] = set()
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Batched (MLflow takes 100 per call). A key already logged with the same value is skipped; with a
+        different value (a resumed run on another device, say) MLflow would refuse, so it warns and keeps the old."""
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        new: list[Any] = []
+        for k, v in params.items():
+            s = _param_str(v)
+            if k in existing:
+                if existing[k] != s:
+                    warnings.warn(f"MLflow param {k!r} already {existing[k]!r}; not changing it to {s!r}", stacklevel=2)
+                continue
+            new.append(Param(k, s))
+        for i in range(0, len(new), PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=new[i:i + PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        ms = [Metric(k, float(v), ts, step if step is not None else 0) for k, v in metrics.items()]
+        for i in range(0, len(ms), METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=ms[i:i + METRICS_PER_BATCH])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():  # MLflow's log_artifact copies files only; keep the folder's own name like `cp -r`
+            sub = f"{artifact_path}/{path.name}" if artifact_path else path.name
+            self.client.log_artifacts(self.run_id, str(path), artifact_path=sub)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def log_table(self, data: Mapping[str, list[Any]], artifact_file: str) -> None:
+        """Replace the table (MLflow's `log_table` would append); same JSON layout, same UI tag."""
+        from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+        cols = list(data)
+        n = len(next(iter(data.values()), []))
+        table = {"columns": cols, "data": [[_json_safe(data[c][i]) for c in cols] for i in range(n)]}
+        folder, _, fname = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            f = Path(tmp) / fname
+            f.write_text(json.dumps(table))
+            self.client.log_artifact(self.run_id, str(f), artifact_path=folder or None)
+        if artifact_file not in self._tables:
+            tags = self.client.get_run(self.run_id).data.tags
+            logged = json.loads(tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+            entry = {"path": artifact_file, "type": "table"}
+            if entry not in logged:
+                self.client.set_tag(self.run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps(logged + [entry]))
+            self._tables.add(artifact_file)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def _param_str(v: Any) -> str:
+    # Same text MLflow would store; lists already arrive as JSON strings from RunConfig.flat().
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+def _json_safe(v: Any) -> Any:
+    # pandas writes NaN as null in orient="split"; json.dumps would write the non-standard NaN.
+    return None if isinstance(v, float) and not math.isfinite(v) else v
