@@ -1,7 +1,163 @@
-"""CLI commands: study (work in progress)."""
+"""CLI commands: `study run`, `study status`, `eval`, `ui`. Thin: parse, call studies.runner / evaluate / ui."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from diffablate.models.config import ConfigError
+from diffablate.studies.spec import SpecError
+
+study_app = typer.Typer(help="Run and inspect Optuna studies tracked in MLflow.", no_args_is_help=True)
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    from diffablate.models.data import DataError
+    from diffablate.studies.runner import StudyError
+
+    return (ConfigError, SpecError, StudyError, DataError)
+
+
+def _fail(e: BaseException) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(2)
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add `diffablate study ...`, `diffablate eval` and `diffablate ui` to the root app."""
+    app.add_typer(study_app, name="study")
+    app.command("eval")(eval_cmd)
+    app.command("ui")(ui_cmd)
+
+
+@study_app.command("run")
+def run_cmd(
+    spec_file: Path = typer.Argument(..., help="Study spec (TOML), e.g. studies/smoke.toml."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Work directory (default studies-out/<name>/)."),
+    storage: Optional[str] = typer.Option(None, "--storage",
+                                          help="Optuna storage: an RDB URL (postgresql://...) or journal:<path>; "
+                                               "default <workdir>/optuna.db."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                          help="Local worker processes (default: one per visible GPU, else 1)."),
+    workers_per_gpu: int = typer.Option(1, "--workers-per-gpu", min=1, help="Workers sharing each GPU."),
+    new_name: Optional[str] = typer.Option(None, "--new-name", help="Run a changed spec as a new study with this name."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the planned trials, train nothing."),
+    trial_fn: Optional[str] = typer.Option(None, "--trial-fn", hidden=True, help="module:function replacing train+eval (tests)."),
+) -> None:
+    """Run (or resume) a study until every planned trial has finished. Run it again to resume; run the same
+    command with the same --storage elsewhere to add workers."""
+    from diffablate.studies import runner
+    from diffablate.studies.spec import load_spec
+
+    try:
+        spec = load_spec(spec_file)
+        if dry_run:
+            _print_plan(spec)
+            return
+        handle = runner.run_study(spec, workdir=workdir, storage=storage, new_name=new_name, workers=workers,
+                                  workers_per_gpu=workers_per_gpu, trial_fn=trial_fn, log=typer.echo)
+    except _errors() as e:
+        _fail(e)
+    _print_status(handle)
+
+
+def _print_plan(spec) -> None:  # noqa: ANN001 - StudySpec, imported lazily
+    from rich.console import Console
+    from rich.table import Table
+
+    per_cell = spec.n_trials if spec.kind == "search" else len(spec.seeds)
+    table = Table(title=f"{spec.name}: {spec.kind}, {len(spec.cells)} cells x {per_cell} = {spec.n_planned} trials "
+                        f"(spec {spec.spec_hash})")
+    table.add_column("#", justify="right")
+    table.add_column("cell")
+    for c in spec.cells:
+        table.add_row(str(c.index), c.label)
+    Console().print(table)
+
+
+@study_app.command("status")
+def status_cmd(
+    study: str = typer.Argument(..., help="Study name (under studies-out/) or work directory."),
+    name: Optional[str] = typer.Option(None, "--study", help="Which study of the work dir (default: its first)."),
+) -> None:
+    """Trial counts (done/running/failed/pruned) and per-cell best/mean objective values."""
+    from diffablate.studies import runner
+
+    try:
+        handle = runner.load_handle(runner.resolve_workdir(study), name)
+    except _errors() as e:
+        _fail(e)
+    _print_status(handle)
+
+
+def _print_status(handle) -> None:  # noqa: ANN001 - StudyHandle
+    from rich.console import Console
+    from rich.table import Table
+
+    from diffablate.studies import runner
+
+    counts, rows = runner.status_rows(handle)
+    spec = handle.spec
+    title = (f"{handle.study_name}: {counts['complete']}/{counts['planned']} complete, {counts['running']} running, "
+             f"{counts['waiting']} waiting, {counts['fail']} failed, {counts['pruned']} pruned, {counts['retried']} retried")
+    table = Table(title=title, caption=f"objective: {spec.objective} ({spec.direction}); work dir {handle.workdir}")
+    for col in ("cell", "done", "running", "failed", "pruned", "best", "mean"):
+        table.add_column(col, justify="left" if col == "cell" else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+    for r in rows:
+        table.add_row(r["cell"], str(r["complete"]), str(r["running"]), str(r["fail"]), str(r["pruned"]),
+                      fmt(r["best"]), fmt(r["mean"]))
+    Console(width=200).print(table)
+
+
+def eval_cmd(
+    run: Path = typer.Argument(..., help="A run directory (or checkpoint directory) written by the trainer."),
+    n: Optional[int] = typer.Option(None, "--n", min=2, help="Images to generate and score (default: eval.n_samples)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default: the run's)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="eval.* overrides, e.g. --set eval.fid=false"),
+) -> None:
+    """Sample a trained run and score it: FID/KID, CLIP-score, shapes oracle (as cfg.eval enables)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from diffablate.studies.evaluate import evaluate_run, format_metrics
+
+    try:
+        cfg = None
+        if set_:
+            from diffablate.models.trainer import load_trained
+
+            bad = [s for s in set_ if not s.startswith("eval.")]
+            if bad:
+                raise ConfigError(f"--set {bad[0]!r}: eval only accepts eval.* overrides")
+            cfg = load_trained(run, "cpu").cfg.with_overrides(set_)
+        metrics = evaluate_run(run, cfg=cfg, n=n, device=device)
+    except _errors() as e:
+        _fail(e)
+    except FileNotFoundError as e:
+        _fail(e)
+    table = Table(title=f"{run}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in format_metrics(metrics):
+        table.add_row(k, v)
+    Console().print(table)
+
+
+def ui_cmd(
+    workdir: Path = typer.Argument(Path("."), help="A study work directory (or a study name under studies-out/)."),
+    mlflow_port: Optional[int] = typer.Option(None, "--mlflow-port", help="MLflow UI port (default: a free one)."),
+    optuna_port: Optional[int] = typer.Option(None, "--optuna-port", help="optuna-dashboard port (default: a free one)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address; anything but loopback exposes unauthenticated UIs."),
+) -> None:
+    """Serve the MLflow UI and optuna-dashboard for one work directory until Ctrl-C."""
+    from diffablate.studies import runner, ui
+
+    try:
+        wd = runner.resolve_workdir(workdir)
+        servers = ui.start_ui(wd, host, mlflow_port, optuna_port)
+    except _errors() as e:
+        _fail(e)
+    ui.serve_until_interrupted(servers, typer.echo)

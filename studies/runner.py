@@ -1,0 +1,592 @@
+"""Run a study: Optuna decides what each trial trains, MLflow records it, N workers share the work.
+
+How the pieces fit:
+
+- **One work directory per study** (`studies-out/<name>/` or `--workdir`): `optuna.db` (Optuna), `mlflow.db` +
+  `mlartifacts/` (MLflow), `runs/<study>/<planned>/` (checkpoints), `study.json` (which storage and study).
+  Nothing inside stores a path that breaks after `cp -r`: database URLs are rebuilt from the directory at
+  every start, and MLflow's stored artifact locations are re-pointed when the directory has moved
+  (`open_tracking`).
+- **Planned trials.** Every trial the design needs is created up front as a WAITING Optuna trial, and
+  workers only ever *claim* WAITING trials (an atomic RUNNING transition in the storage). So a study
+  ends with exactly its planned trials - no worker can race `ask()` into an extra one. Grid designs use
+  `GridSampler`: each planned trial carries its `grid_id` (factorial: factors x seed; one-at-a-time:
+  cell index x seed). Search designs carry the cell and seed as fixed params and the named sampler
+  proposes the rest when the trial starts, from everything finished by then.
+- **Fault tolerance.** RDB storages get heartbeats: a worker that dies stops beating, any live worker
+  (or the next `study run`) marks its trial FAIL and `RetryHeartbeatStaleTrialCallback` re-queues a copy
+  that keeps the `grid_id`/params (so GridSampler never duplicates a cell) and the MLflow run id (so the
+  retry continues the same child run and, through the trainer's checkpoints, the same training).
+  Workers with nothing left to claim wait while other trials run, so a late death is still retried.
+- **Storages:** default SQLite `<workdir>/optuna.db` in WAL mode with a 60 s busy timeout - fine for a
+  handful of local workers whose trials last minutes; for many machines use PostgreSQL
+  (`postgresql://...`). `journal:<path>` uses Optuna's JournalFileBackend (no heartbeats there: a
+  killed worker's trial stays RUNNING and is not retried).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import sqlite3
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from diffablate.studies.spec import StudySpec, parse_spec
+
+STUDY_FILE = "study.json"
+DEFAULT_ROOT = Path("studies-out")
+_RETRY_MARK = "retry_history"
+
+
+class StudyError(RuntimeError):
+    """A study cannot be run or opened as asked (changed spec, missing work dir, bad storage URL)."""
+
+
+# --- work directory and storage -----------------------------------------------------------------------
+
+
+def default_workdir(name: str) -> Path:
+    return DEFAULT_ROOT / name
+
+
+def resolve_workdir(name_or_dir: str | Path) -> Path:
+    """A work directory, or a study name under studies-out/."""
+    p = Path(name_or_dir)
+    if (p / STUDY_FILE).exists():
+        return p
+    if (default_workdir(str(name_or_dir)) / STUDY_FILE).exists():
+        return default_workdir(str(name_or_dir))
+    raise StudyError(f"{name_or_dir}: no study here (no {p / STUDY_FILE} and no {default_workdir(str(name_or_dir)) / STUDY_FILE})")
+
+
+def read_study_file(workdir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((workdir / STUDY_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StudyError(f"{workdir / STUDY_FILE}: cannot read ({e})") from None
+
+
+def storage_url(workdir: Path, storage: str | None) -> str:
+    """The Optuna storage URL; None = `<workdir>/optuna.db`. `journal:` paths may be relative to the work dir."""
+    if not storage:
+        return f"sqlite:///{(workdir / 'optuna.db').resolve()}"
+    if storage.startswith("journal:"):
+        path = Path(storage[len("journal:"):])
+        return "journal:" + str(path if path.is_absolute() else (workdir / path).resolve())
+    return storage
+
+
+def tracking_uri(workdir: Path) -> str:
+    return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+
+
+def _sqlite_wal(url: str) -> None:
+    # WAL lets readers (status, dashboards) run beside a writer; the mode is stored in the file, so
+    # setting it once here covers every later connection. WAL needs a local disk (not NFS).
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(path, timeout=60)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+        finally:
+            con.close()
+
+
+def make_storage(url: str, spec: StudySpec | None, *, on_stale: Callable[[optuna.Study, Any], None] | None = None
+                 ) -> optuna.storages.BaseStorage:
+    """Optuna storage for `url`: RDB (sqlite/postgresql/...) with heartbeats, or `journal:<path>`."""
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
+    if "://" not in url:
+        raise StudyError(f"--storage: {url!r} is not a database URL (sqlite:///..., postgresql://...) or journal:<path>")
+    _sqlite_wal(url)
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        # Several workers write the same file: wait for the lock instead of failing at once.
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    rt = spec.runtime if spec is not None else None
+    try:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs,
+            heartbeat_interval=rt.heartbeat_interval if rt else None,
+            grace_period=rt.grace_period if rt else None,
+            heartbeat_stale_trial_callback=on_stale,
+        )
+    except Exception as e:  # sqlalchemy errors: bad driver, unreachable server, ...
+        raise StudyError(f"--storage: cannot open {url!r}: {e}") from None
+
+
+# --- samplers -----------------------------------------------------------------------------------------
+
+
+class PlannedGridSampler(optuna.samplers.GridSampler):
+    """GridSampler whose trials are all created up front (see the module docstring).
+
+    `after_trial` is a no-op: GridSampler would call `study.stop()` once the grid is exhausted, which
+    raises outside `study.optimize`; here the end of the study is simply "no WAITING trial left".
+    """
+
+    def after_trial(self, study: optuna.Study, trial: Any, state: TrialState, values: Any) -> None:
+        pass
+
+    @property
+    def n_grids(self) -> int:
+        return len(self._all_grids)
+
+
+def _grid_value(v: Any) -> Any:
+    # Optuna persists grid values as JSON scalars; list-valued factors (block_channels) go in as JSON text.
+    return json.dumps(v) if isinstance(v, (list, dict)) else v
+
+
+def grid_space(spec: StudySpec) -> dict[str, list[Any]]:
+    """The GridSampler search space: factorial = factors x seed; one-at-a-time = cell index x seed."""
+    if spec.kind == "factorial":
+        space = {k: [_grid_value(v) for v in vals] for k, vals in spec.factors.items()}
+    else:
+        space = {"cell": list(range(len(spec.cells)))}
+    return {**space, "seed": list(spec.seeds)}
+
+
+def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSampler:
+    if spec.kind in ("factorial", "one-at-a-time"):
+        return PlannedGridSampler(grid_space(spec), seed=0)  # same seed everywhere: grid ids must agree
+    cls = getattr(optuna.samplers, spec.sampler)
+    args = dict(spec.sampler_args)
+    if "seed" in _init_params(cls):
+        # Each worker gets its own stream, else parallel workers propose identical points.
+        args["seed"] = args.get("seed", spec.seeds[0]) + 1000 * worker
+    return cls(**args)
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    if spec.kind != "search":
+        return optuna.pruners.NopPruner()
+    return getattr(optuna.pruners, spec.pruner)(**spec.pruner_args)
+
+
+def _init_params(cls: type) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(cls.__init__).parameters)
+
+
+# --- study creation / resume --------------------------------------------------------------------------
+
+
+@dataclass
+class StudyHandle:
+    spec: StudySpec
+    workdir: Path
+    storage: str  # resolved URL
+    study_name: str
+    parent_run_id: str
+    experiment_id: str
+
+
+def prepare_study(spec: StudySpec, workdir: Path | None = None, storage: str | None = None,
+                  new_name: str | None = None) -> StudyHandle:
+    """Create the study (or find it again), its planned trials and the MLflow parent run. No training here."""
+    if new_name:
+        spec = rename_spec(spec, new_name)
+    workdir = Path(workdir) if workdir is not None else default_workdir(spec.name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    url = storage_url(workdir, storage)
+    study_file = workdir / STUDY_FILE
+    info = read_study_file(workdir) if study_file.exists() else {"studies": {}}
+    st = make_storage(url, spec)
+    names = {s.study_name for s in optuna.get_all_study_summaries(st, include_best_trial=False)}
+    if spec.name in names:
+        study = optuna.load_study(study_name=spec.name, storage=st, sampler=make_sampler(spec), pruner=make_pruner(spec))
+        old = study.user_attrs.get("spec_hash")
+        if old != spec.spec_hash:
+            raise StudyError(
+                f"study {spec.name!r} in {url} was created from a different spec (hash {old}, this spec {spec.spec_hash}); "
+                f"refusing to mix results. Run it as a new study with --new-name NAME, or use another --workdir.")
+    else:
+        study = optuna.create_study(study_name=spec.name, storage=st, direction=spec.direction,
+                                    sampler=make_sampler(spec), pruner=make_pruner(spec), load_if_exists=True)
+        if "spec_hash" not in study.user_attrs:
+            study.set_user_attr("spec_hash", spec.spec_hash)
+            study.set_user_attr("kind", spec.kind)
+            study.set_user_attr("n_planned", spec.n_planned)
+            _plan_trials(study, spec)
+    # Record where this study lives; the storage URL only when it is not the work dir's own default,
+    # so the directory stays relocatable.
+    info["studies"][spec.name] = {"storage": storage if storage else None, "spec_hash": spec.spec_hash}
+    info["default"] = info.get("default", spec.name)
+    (workdir / "specs").mkdir(exist_ok=True)
+    (workdir / "specs" / f"{spec.name}.toml").write_text(spec.source or "")
+    study_file.write_text(json.dumps(info, indent=2))
+    exp_id, parent = ensure_parent_run(spec, workdir)
+    return StudyHandle(spec, workdir, url, spec.name, parent, exp_id)
+
+
+def rename_spec(spec: StudySpec, name: str) -> StudySpec:
+    raw = {**spec.raw, "name": name}
+    src = spec.source
+    # Keep the logged spec text honest about the name it ran under.
+    new = dataclasses.replace(spec, name=name, raw=raw, source=f"# run as study {name!r} (--new-name)\n{src}")
+    return new
+
+
+def _plan_trials(study: optuna.Study, spec: StudySpec) -> None:
+    """Create every planned trial as WAITING (see the module docstring)."""
+    trials = []
+    if spec.kind in ("factorial", "one-at-a-time"):
+        sampler = make_sampler(spec)
+        assert isinstance(sampler, PlannedGridSampler)
+        space = sampler._search_space  # the sorted space GridSampler compares retried trials against
+        for grid_id in range(sampler.n_grids):
+            trials.append(optuna.create_trial(state=TrialState.WAITING, user_attrs={"planned": grid_id},
+                                              system_attrs={"grid_id": grid_id, "search_space": space}))
+    else:
+        i = 0
+        for cell in spec.cells:
+            for j in range(spec.n_trials):
+                fixed = {"cell": cell.index, "seed": spec.seeds[j % len(spec.seeds)]}
+                trials.append(optuna.create_trial(state=TrialState.WAITING, user_attrs={"planned": i},
+                                                  system_attrs={"fixed_params": fixed}))
+                i += 1
+    study.add_trials(trials)
+
+
+def load_handle(workdir: Path, name: str | None = None) -> StudyHandle:
+    """Open an existing study of a work directory (for status, resume, ui)."""
+    info = read_study_file(workdir)
+    name = name or info.get("default")
+    if name not in info["studies"]:
+        raise StudyError(f"{workdir}: no study {name!r}; studies here: {sorted(info['studies'])}")
+    spec_path = workdir / "specs" / f"{name}.toml"
+    spec = parse_spec(spec_path.read_text(), where=str(spec_path))
+    if spec.name != name:
+        spec = rename_spec(spec, name)
+    url = storage_url(workdir, info["studies"][name]["storage"])
+    exp_id, parent = ensure_parent_run(spec, workdir, create=False)
+    return StudyHandle(spec, workdir, url, name, parent, exp_id)
+
+
+# --- MLflow parent run --------------------------------------------------------------------------------
+
+
+def open_tracking(workdir: Path) -> Any:
+    """MlflowClient on the work dir's store, with stored artifact paths re-pointed if the dir moved."""
+    from mlflow.tracking import MlflowClient
+
+    _relocate_mlflow(workdir)
+    _sqlite_wal(tracking_uri(workdir))
+    return MlflowClient(tracking_uri=tracking_uri(workdir))
+
+
+def artifact_root(workdir: Path) -> str:
+    return str((workdir / "mlartifacts").resolve())
+
+
+def _relocate_mlflow(workdir: Path) -> None:
+    """After `cp -r` the MLflow DB still names the old artifact root: rewrite it to this directory's.
+
+    MLflow stores absolute artifact URIs per experiment and run and has no API to change them, so this
+    edits the three columns directly; a no-op when the directory has not moved.
+    """
+    db = workdir / "mlflow.db"
+    if not db.exists():
+        return
+    new = artifact_root(workdir)
+    con = sqlite3.connect(db, timeout=60)
+    try:
+        rows = con.execute("SELECT artifact_location FROM experiments WHERE artifact_location LIKE '%mlartifacts%'").fetchall()
+        olds = {r[0][: r[0].rindex("mlartifacts") + len("mlartifacts")] for r in rows}
+        for old in olds - {new}:
+            with con:
+                con.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+                con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+                tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if "logged_models" in tables:
+                    con.execute("UPDATE logged_models SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+    finally:
+        con.close()
+
+
+def ensure_parent_run(spec: StudySpec, workdir: Path, *, create: bool = True) -> tuple[str, str]:
+    """(experiment id, parent run id): found again by tag on resume, created only the first time."""
+    client = open_tracking(workdir)
+    exp = client.get_experiment_by_name(spec.name)
+    if exp is None:
+        if not create:
+            raise StudyError(f"{workdir}: no MLflow experiment {spec.name!r}")
+        exp_id = client.create_experiment(spec.name, artifact_location=str(Path(artifact_root(workdir)) / spec.name),
+                                          tags={"diffablate.study": spec.name})
+    else:
+        exp_id = exp.experiment_id
+    runs = client.search_runs([exp_id], filter_string="tags.`diffablate.role` = 'study'", max_results=5)
+    if runs:
+        return exp_id, runs[0].info.run_id
+    if not create:
+        raise StudyError(f"{workdir}: study {spec.name!r} has no parent run")
+    run = client.create_run(exp_id, run_name=spec.name, tags={
+        "diffablate.role": "study", "diffablate.study": spec.name, "diffablate.spec_hash": spec.spec_hash,
+        "diffablate.kind": spec.kind, "diffablate.n_planned": str(spec.n_planned),
+        "mlflow.note.content": spec.description,
+    })
+    client.log_text(run.info.run_id, spec.source or json.dumps(spec.raw, indent=2), "study_spec.toml")
+    client.log_dict(run.info.run_id, spec.claims_json(), "claims.json")
+    client.log_param(run.info.run_id, "n_planned", spec.n_planned)
+    return exp_id, run.info.run_id
+
+
+def finish_parent_if_done(handle: StudyHandle) -> bool:
+    """Close the parent run FINISHED once no planned trial is left WAITING or RUNNING."""
+    counts = trial_counts(handle)
+    if counts["waiting"] or counts["running"]:
+        return False
+    client = open_tracking(handle.workdir)
+    for k in ("complete", "pruned", "fail", "retried"):
+        client.log_metric(handle.parent_run_id, f"n_{k}", counts[k])
+    client.set_terminated(handle.parent_run_id, "FINISHED")
+    return True
+
+
+# --- workers ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    spec_source: str
+    spec_where: str
+    study_name: str
+    workdir: str
+    storage: str | None
+    index: int = 0
+    trial_fn: str | None = None  # "module:function" override of the default train+evaluate (tests)
+    env: tuple[tuple[str, str], ...] = ()
+    threads: int = 0
+    poll_s: float = 2.0
+
+
+def run_study(spec: StudySpec, *, workdir: Path | None = None, storage: str | None = None, new_name: str | None = None,
+              workers: int | None = None, workers_per_gpu: int = 1, trial_fn: str | None = None,
+              log: Callable[[str], None] = print) -> StudyHandle:
+    """Prepare (or resume) the study and run its trials with `workers` local processes; returns when none is left."""
+    quiet_optuna()
+    handle = prepare_study(spec, workdir, storage, new_name)
+    plan = placement(workers, workers_per_gpu)
+    log(f"study {handle.study_name}: {handle.spec.n_planned} planned trials, {len(plan)} worker(s); "
+        f"work dir {handle.workdir}; storage {_redact(handle.storage)}")
+    args = [WorkerArgs(handle.spec.source, "spec", handle.study_name, str(handle.workdir), storage, i, trial_fn,
+                       tuple(env.items()), threads) for i, (env, threads) in enumerate(plan)]
+    if len(args) == 1:
+        worker_main(args[0])
+    else:
+        ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked CUDA or DB handles
+        procs = []
+        for a in args:
+            p = ctx.Process(target=worker_main, args=(a,), name=f"diffablate-worker-{a.index}")
+            p.start()
+            procs.append(p)
+        try:
+            for p in procs:
+                p.join()
+        except KeyboardInterrupt:
+            for p in procs:
+                p.terminate()
+            raise
+        bad = [p.exitcode for p in procs if p.exitcode]
+        if bad:
+            log(f"warning: {len(bad)} worker(s) exited abnormally (codes {bad}); their trials are retried by the others "
+                f"after the heartbeat grace period, or on the next `study run`")
+    finish_parent_if_done(handle)
+    return handle
+
+
+def quiet_optuna() -> None:
+    """Heartbeats and retries are flagged experimental; say so once in the docs, not on every worker start."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _redact(url: str) -> str:
+    # Never print a database password.
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def placement(workers: int | None, workers_per_gpu: int = 1) -> list[tuple[dict[str, str], int]]:
+    """(extra env, torch threads) per local worker: one per visible GPU x K, or `workers` CPU processes."""
+    gpus = _visible_gpus()
+    if gpus:
+        n = workers or len(gpus) * workers_per_gpu
+        return [({"CUDA_VISIBLE_DEVICES": gpus[(i // workers_per_gpu) % len(gpus)]}, 0) for i in range(n)]
+    n = workers or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // n)  # split the cores, else N workers x all cores thrash
+    return [({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}, threads) for _ in range(n)]
+
+
+def _visible_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:  # ask the driver without initialising CUDA in this (parent) process
+        import subprocess
+
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20, check=False)
+        return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+    except (OSError, subprocess.SubprocessError):
+        return []
+
+
+def worker_main(args: WorkerArgs) -> None:
+    """One worker: claim WAITING trials of the study and run them until none is left anywhere."""
+    os.environ.update(dict(args.env))  # before torch is imported: CUDA_VISIBLE_DEVICES / thread counts
+    quiet_optuna()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from diffablate.studies import trial as trial_mod
+
+    spec = parse_spec(args.spec_source, where=args.spec_where)
+    if spec.name != args.study_name:
+        spec = rename_spec(spec, args.study_name)
+    workdir = Path(args.workdir)
+    url = storage_url(workdir, args.storage)
+    ctx = trial_mod.TrialContext.open(spec, workdir, trial_fn=args.trial_fn)
+    storage = make_storage(url, spec, on_stale=ctx.on_stale_trial)
+    study = optuna.load_study(study_name=args.study_name, storage=storage, sampler=make_sampler(spec, args.index),
+                              pruner=make_pruner(spec))
+    heartbeat = isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval() is not None
+    while True:
+        if heartbeat:
+            optuna.storages.fail_stale_trials(study)  # retry trials of dead workers (anyone's)
+        trial_id = claim_waiting_trial(study)
+        if trial_id is None:
+            # Nothing to claim. While others still run, stay: if one of them dies, its retry lands here.
+            if heartbeat and study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                time.sleep(args.poll_s)
+                continue
+            return
+        with _Heartbeat(storage, trial_id, heartbeat):
+            trial = optuna.trial.Trial(study, trial_id)
+            try:
+                trial_mod.run_trial(ctx, study, trial)
+            except Exception:  # a bug in one trial must not take the study down; it is recorded as FAIL
+                traceback.print_exc(file=sys.stderr)
+                if storage.get_trial(trial_id).state == TrialState.RUNNING:  # failed before it could tell
+                    study.tell(trial, state=TrialState.FAIL)
+
+
+def claim_waiting_trial(study: optuna.Study) -> int | None:
+    """Atomically move one WAITING trial to RUNNING and return its id (None when there is none)."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                return t._trial_id
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+class _Heartbeat:
+    """Beat for one trial in a daemon thread (what `study.optimize` does internally for its own trials)."""
+
+    def __init__(self, storage: Any, trial_id: int, enabled: bool) -> None:
+        self.storage, self.trial_id, self.enabled = storage, trial_id, enabled
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "_Heartbeat":
+        if self.enabled:
+            self.storage.record_heartbeat(self.trial_id)
+            self._thread = threading.Thread(target=self._beat, daemon=True)
+            self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        interval = self.storage.get_heartbeat_interval()
+        while not self._stop.wait(interval):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception:  # a transient DB error must not kill the trial; the next beat retries
+                pass
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+# --- status -------------------------------------------------------------------------------------------
+
+
+def trial_counts(handle: StudyHandle) -> dict[str, int]:
+    study = optuna.load_study(study_name=handle.study_name, storage=make_storage(handle.storage, None))
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    names = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "fail",
+             TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
+    out = {v: 0 for v in names.values()}
+    for s in states:
+        out[names[s]] += 1
+    # A FAIL that was retried is not a failure of the study: count it apart.
+    retried = {h for t in study.get_trials(deepcopy=False) for h in t.system_attrs.get(_RETRY_MARK, [])}
+    out["retried"] = len(retried)
+    out["fail"] -= len(retried)
+    out["planned"] = handle.spec.n_planned
+    return out
+
+
+def status_rows(handle: StudyHandle) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """(trial counts, per-cell rows: cell, n done/running/failed/pruned, best and mean of the objective)."""
+    study = optuna.load_study(study_name=handle.study_name, storage=make_storage(handle.storage, None))
+    counts = trial_counts(handle)
+    rows: dict[str, dict[str, Any]] = {}
+    retried = {h for t in study.get_trials(deepcopy=False) for h in t.system_attrs.get(_RETRY_MARK, [])}
+    for c in handle.spec.cells:
+        rows[c.label] = {"cell": c.label, "complete": 0, "running": 0, "waiting": 0, "fail": 0, "pruned": 0, "values": []}
+    for t in study.get_trials(deepcopy=False):
+        label = t.user_attrs.get("cell") or _cell_of(handle.spec, t)
+        if label is None or t.number in retried:
+            continue
+        row = rows.setdefault(label, {"cell": label, "complete": 0, "running": 0, "waiting": 0, "fail": 0, "pruned": 0,
+                                      "values": []})
+        key = {TrialState.COMPLETE: "complete", TrialState.RUNNING: "running", TrialState.WAITING: "waiting",
+               TrialState.FAIL: "fail", TrialState.PRUNED: "pruned"}[t.state]
+        row[key] += 1
+        if t.state == TrialState.COMPLETE and t.value is not None:
+            row["values"].append(t.value)
+    out = []
+    for row in rows.values():
+        vals = row.pop("values")
+        best = (min if handle.spec.direction == "minimize" else max)(vals) if vals else None
+        row.update(best=best, mean=sum(vals) / len(vals) if vals else None, n_values=len(vals))
+        out.append(row)
+    return counts, out
+
+
+def _cell_of(spec: StudySpec, t: Any) -> str | None:
+    """Cell label of a trial that has not started yet (WAITING): from its grid id or fixed params."""
+    from diffablate.studies.trial import resolve_cell
+
+    try:
+        cell, _seed = resolve_cell(spec, t.system_attrs, t.params)
+        return cell.label
+    except (KeyError, IndexError, ValueError):
+        return None

@@ -1,0 +1,291 @@
+"""One Optuna trial: resolve its cell and seed, open (or reopen) its MLflow child run, train, score, report.
+
+The trial's outcome is written to both systems the same way:
+
+| outcome                      | Optuna state | MLflow run status | diffablate.status | fail_reason |
+|------------------------------|--------------|-------------------|-------------------|-------------|
+| trained and scored           | COMPLETE     | FINISHED          | COMPLETE          |             |
+| pruned at an eval step       | PRUNED       | KILLED            | PRUNED            | why         |
+| diverged (TrainingDiverged)  | FAIL         | FAILED            | FAIL              | the reason  |
+| any other error              | FAIL         | FAILED            | FAIL              | the error   |
+| worker died (heartbeat stale)| FAIL, retried| reopened by retry | (the retry's)     |             |
+
+Optuna keeps the reason as the trial user attr `fail_reason` and the MLflow run id as `mlflow_run_id`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import optuna
+from optuna.trial import TrialState
+
+from diffablate.models.config import RunConfig
+from diffablate.studies.spec import Cell, StudySpec
+
+
+@dataclass
+class TrialRun:
+    """What a trial function gets: the resolved config, where to write, how to log and to report progress."""
+
+    spec: StudySpec
+    cfg: RunConfig
+    cell: Cell
+    seed: int
+    run_dir: Path
+    tracker: Any  # models.tracker.Tracker (MlflowTracker on the child run)
+    on_eval: Callable[[int, Mapping[str, float]], None]
+    trial_number: int
+    attempt: int  # 0 for the first try, n for the n-th retry after a lost worker
+
+
+TrialFn = Callable[[TrialRun], Mapping[str, float]]
+
+
+def train_and_evaluate(run: TrialRun) -> dict[str, float]:
+    """The default trial function: `models.trainer.train` then `studies.evaluate.evaluate_run`."""
+    from diffablate.models.trainer import train
+    from diffablate.studies.evaluate import evaluate_run
+
+    result = train(run.cfg, run.run_dir, tracker=run.tracker, resume=True, progress=False, on_eval=run.on_eval)
+    metrics: dict[str, float] = {"final_train_loss": result.final_train_loss, "final_heldout_loss": result.heldout_loss,
+                                 "train_wall_s": result.wall_s, "img_per_s_mean": result.img_per_s}
+    if getattr(result, "diverged", False):  # a trainer that returns instead of raising
+        raise _diverged_error()(result.steps_done, result.reason)
+    metrics.update(evaluate_run(run.run_dir, cfg=run.cfg, tracker=run.tracker))
+    return metrics
+
+
+def _diverged_error() -> type[BaseException]:
+    try:
+        from diffablate.models.trainer import TrainingDiverged
+
+        return TrainingDiverged
+    except ImportError:  # no trainer in this tree: nothing can diverge
+        return _NeverRaised
+
+
+class _NeverRaised(Exception):
+    pass
+
+
+def load_trial_fn(ref: str | None) -> TrialFn:
+    """None -> train_and_evaluate; "package.module:function" -> that function (tests inject fakes this way)."""
+    if not ref:
+        return train_and_evaluate
+    mod, _, fn = ref.partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+@dataclass
+class TrialContext:
+    """Per-worker state shared by its trials: the spec, the tracking client and where the parent run is."""
+
+    spec: StudySpec
+    workdir: Path
+    client: Any
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    trial_fn: TrialFn
+    retry: optuna.storages.RetryHeartbeatStaleTrialCallback = field(repr=False, default=None)  # type: ignore[assignment]
+
+    @classmethod
+    def open(cls, spec: StudySpec, workdir: Path, trial_fn: str | None = None) -> "TrialContext":
+        from diffablate.studies.runner import ensure_parent_run, open_tracking, tracking_uri
+
+        client = open_tracking(workdir)
+        exp_id, parent = ensure_parent_run(spec, workdir, create=False)
+        return cls(spec, workdir, client, tracking_uri(workdir), exp_id, parent, load_trial_fn(trial_fn),
+                   optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=spec.runtime.max_retry))
+
+    def run_dir(self, planned: int) -> Path:
+        # Keyed by the planned trial, not the Optuna number: a retry resumes the same checkpoints.
+        return self.workdir / "runs" / self.spec.name / f"{planned:04d}"
+
+    def on_stale_trial(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+        """A worker died mid-trial: close its MLflow run as lost, then re-queue the trial (up to max_retry)."""
+        history = frozen.system_attrs.get("retry_history", [])
+        will_retry = len(history) + 1 <= self.spec.runtime.max_retry
+        run_id = frozen.user_attrs.get("mlflow_run_id")
+        if run_id:
+            reason = f"worker lost (no heartbeat for {self.spec.runtime.grace_period} s)"
+            self.client.set_tag(run_id, "diffablate.fail_reason", reason + ("; retrying" if will_retry else "; retries exhausted"))
+            self.client.set_tag(run_id, "diffablate.status", "FAIL")
+            self.client.set_terminated(run_id, "KILLED" if will_retry else "FAILED")
+        self.retry(study, frozen)
+
+
+def resolve_cell(spec: StudySpec, system_attrs: Mapping[str, Any], params: Mapping[str, Any]) -> tuple[Cell, int]:
+    """(cell, seed) of a trial from its grid id / fixed params / params, without suggesting anything."""
+    from diffablate.studies.runner import make_sampler
+
+    if "grid_id" in system_attrs:
+        sampler = make_sampler(spec)
+        values = dict(zip(sampler._param_names, sampler._all_grids[system_attrs["grid_id"]]))
+    else:
+        values = {**system_attrs.get("fixed_params", {}), **params}
+    return _cell_from_values(spec, values), int(values["seed"])
+
+
+def _cell_from_values(spec: StudySpec, values: Mapping[str, Any]) -> Cell:
+    if "cell" in values:
+        return spec.cells[int(values["cell"])]
+    wanted = {k: values[k] for k in spec.factors}
+    for cell in spec.cells:
+        if all(_grid_eq(cell.overrides[k], v) for k, v in wanted.items()):
+            return cell
+    raise ValueError(f"no cell matches {wanted}")
+
+
+def _grid_eq(value: Any, grid_value: Any) -> bool:
+    return value == grid_value or (isinstance(value, (list, dict)) and json.dumps(value) == grid_value)
+
+
+def suggest(spec: StudySpec, trial: optuna.Trial) -> tuple[Cell, int, dict[str, Any]]:
+    """Ask Optuna for this trial's cell, seed and searched params (the design's whole search space)."""
+    from diffablate.studies.runner import grid_space
+
+    if spec.kind in ("factorial", "one-at-a-time"):
+        values = {k: trial.suggest_categorical(k, v) for k, v in grid_space(spec).items()}
+        return _cell_from_values(spec, values), int(values["seed"]), {}
+    cell = spec.cells[trial.suggest_categorical("cell", list(range(len(spec.cells))))]
+    seed = trial.suggest_categorical("seed", list(spec.seeds))
+    params: dict[str, Any] = {}
+    for p in spec.space:
+        if p.type == "float":
+            params[p.key] = trial.suggest_float(p.key, p.low, p.high, log=p.log, step=p.step)
+        elif p.type == "int":
+            params[p.key] = trial.suggest_int(p.key, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+        else:
+            params[p.key] = trial.suggest_categorical(p.key, list(p.choices))
+    return cell, int(seed), params
+
+
+def _tracker(run_id: str, uri: str) -> Any:
+    try:
+        from diffablate.studies.tracking import MlflowTracker
+    except ImportError:  # TEMPORARY until studies/tracking.py lands
+        return _MinimalTracker(run_id, uri)
+    return MlflowTracker(run_id, uri)
+
+
+class _MinimalTracker:
+    def __init__(self, run_id: str, uri: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.run_id, self.client = run_id, MlflowClient(uri)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        for k, v in metrics.items():
+            self.client.log_metric(self.run_id, k, float(v), step=step or 0)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: Any, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def log_table(self, data: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+
+def run_trial(ctx: TrialContext, study: optuna.Study, trial: optuna.Trial) -> TrialState:
+    """Run one claimed (RUNNING) trial to its end and tell Optuna and MLflow how it ended."""
+    spec, client = ctx.spec, ctx.client
+    run_id: str | None = None
+    try:
+        planned = int(trial.user_attrs["planned"])
+        system_attrs = study._storage.get_trial_system_attrs(trial._trial_id)
+        attempt = len(system_attrs.get("retry_history", []))
+        cell, seed, params = suggest(spec, trial)
+        cfg = spec.cell_config(cell, seed, params)
+        tags = {"diffablate.role": "trial", "diffablate.study": spec.name, "diffablate.trial_number": str(trial.number),
+                "diffablate.cell": cell.label, "diffablate.seed": str(seed), "diffablate.planned": str(planned),
+                "diffablate.status": "RUNNING", "diffablate.fail_reason": "", "mlflow.parentRunId": ctx.parent_run_id}
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:  # a retry after a lost worker: continue the same child run (and checkpoints)
+            client.update_run(run_id, status="RUNNING")
+            tags["diffablate.attempt"] = str(attempt)
+            for k, v in tags.items():
+                client.set_tag(run_id, k, v)
+        else:
+            run = client.create_run(ctx.experiment_id, run_name=f"t{trial.number:03d} {cell.label} s{seed}", tags=tags)
+            run_id = run.info.run_id
+            trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr("cell", cell.label)
+            trial.set_user_attr("seed", seed)
+            from mlflow.entities import Param
+
+            flat = cfg.flat()
+            items = [Param(k, str(v)) for k, v in flat.items()]
+            for i in range(0, len(items), 100):  # MLflow's batch limit
+                client.log_batch(run_id, params=items[i:i + 100])
+            client.log_dict(run_id, cfg.to_dict(), "config.json")
+        tracker = _tracker(run_id, ctx.tracking_uri)
+
+        def on_eval(step: int, metrics: Mapping[str, float]) -> None:
+            value = metrics.get(spec.prune_metric) if spec.kind == "search" else metrics.get("heldout_loss")
+            if value is None:
+                return
+            trial.report(float(value), step)  # intermediate curve for the dashboard and the pruner
+            if spec.kind == "search" and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step}: {spec.prune_metric}={value:.4g}")
+
+        run = TrialRun(spec, cfg, cell, seed, ctx.run_dir(planned), tracker, on_eval, trial.number, attempt)
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = dict(ctx.trial_fn(run))
+        finals = {k: float(v) for k, v in metrics.items() if v is not None}
+        if finals:
+            tracker.log_metrics(finals, step=None)
+        if spec.objective not in finals:
+            raise RuntimeError(f"the trial produced no {spec.objective!r} (design.objective); got {sorted(finals)}")
+        value = finals[spec.objective]
+        _end(client, run_id, "FINISHED", "COMPLETE", "")
+        study.tell(trial, value)
+        return TrialState.COMPLETE
+    except optuna.TrialPruned as e:
+        _end(client, run_id, "KILLED", "PRUNED", str(e) or "pruned")
+        trial.set_user_attr("fail_reason", str(e) or "pruned")
+        study.tell(trial, state=TrialState.PRUNED)
+        return TrialState.PRUNED
+    except _diverged_error() as e:
+        reason = f"diverged: {getattr(e, 'reason', e)}"
+        _fail(study, trial, client, run_id, reason)
+        return TrialState.FAIL
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}"
+        _fail(study, trial, client, run_id, reason)
+        if run_id:
+            client.log_text(run_id, traceback.format_exc(), "error.txt")
+        raise
+    except BaseException:  # KeyboardInterrupt / SystemExit: record, then let it stop the worker
+        _fail(study, trial, client, run_id, "interrupted")
+        raise
+
+
+def _fail(study: optuna.Study, trial: optuna.Trial, client: Any, run_id: str | None, reason: str) -> None:
+    trial.set_user_attr("fail_reason", reason[:2000])
+    _end(client, run_id, "FAILED", "FAIL", reason)
+    study.tell(trial, state=TrialState.FAIL)
+
+
+def _end(client: Any, run_id: str | None, mlflow_status: str, status: str, reason: str) -> None:
+    if run_id is None:
+        return
+    client.set_tag(run_id, "diffablate.status", status)
+    client.set_tag(run_id, "diffablate.fail_reason", reason[:4000])
+    client.set_terminated(run_id, mlflow_status, end_time=int(time.time() * 1000))
