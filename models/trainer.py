@@ -239,7 +239,7 @@ class Meter:
         self.n += 1
 
     def read(self) -> dict[str, float]:
-        # The sync point: .tolist() waits for every queued step.
+        """Means since the last reset. The sync point: .tolist() waits for every queued step."""
         vals = (self.sums / max(self.n, 1)).tolist()
         return dict(zip(self.KEYS, vals))
 
@@ -432,7 +432,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, tracker: Tracker | None = None
                     _save_grid(c, f"grid_step{step:06d}.png")
             if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == total:
                 with _excluded(c):
-                    _save_checkpoint(c, step)
+                    _save_checkpoint(c, step, lr, t_interval, t_start)
     return _finish(c, step, t_start)
 
 
@@ -621,9 +621,13 @@ def _save_grid(c: _Ctx, name: str) -> Path:
     return path
 
 
-def _save_checkpoint(c: _Ctx, step: int) -> Path | None:
+def _save_checkpoint(c: _Ctx, step: int, lr: float, t_interval: float, t_start: float) -> Path | None:
     if c.last_saved == step:
         return None
+    # Never checkpoint weights a NaN step has already poisoned: check the steps since the last log first
+    # (saving syncs anyway). On divergence this logs the partial interval and raises.
+    if c.meter.n and _divergence(c.meter.read()["train_objective"], c.cfg.train.diverge_loss):
+        _log_train(c, step, lr, t_interval, t_start)
     state = {
         "device_type": c.device.type,
         "rng": ckpt.rng_state(c.gens),

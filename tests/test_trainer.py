@@ -1,0 +1,243 @@
+"""Training-loop promises on the CPU: artifacts, exact resume, divergence, fast-path switches that change
+nothing measured, compile fallback, EMA weights for sampling, and (slow) held-out loss that falls."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from diffablate.models import diffusion
+from diffablate.models import trainer as tr
+from diffablate.models.checkpoint import CheckpointError, list_checkpoints, load_weights
+from diffablate.models.config import ConfigError, PerfConfig, RunConfig
+from diffablate.models.tracker import MemoryTracker
+
+
+def tiny(**overrides: Any) -> RunConfig:
+    base = {
+        "data.resolution": 16, "data.n_train": 64, "data.n_heldout": 16,
+        "model.block_channels": [16, 32], "model.attention_levels": [False, True],
+        "text.embed_dim": 32, "train.batch_size": 8, "train.steps": 12, "train.lr": 1e-3, "train.warmup_steps": 4,
+        "train.log_every": 2, "train.eval_every": 4, "train.checkpoint_every": 3,
+        "eval.timestep_buckets": 4, "eval.sampling_steps": 2,
+    }
+    return RunConfig().with_overrides({**base, **overrides})
+
+
+# Loss-aware sampling with a short history exercises the sampler-state restore; T = 20 lets it warm up.
+RESUME_CFG = {"axes.timestep_sampler": "loss-aware", "axes.loss_aware_history": 1, "diffusion.num_train_timesteps": 20}
+CURVES = ("train_loss", "train_objective", "grad_norm", "heldout_loss", "heldout_loss_b03")
+
+
+def curves(t: MemoryTracker) -> dict[str, list[tuple[int | None, float]]]:
+    return {k: t.series(k) for k in CURVES}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MemoryTracker, tr.TrainResult]:
+    """12 steps uninterrupted, the reference for the resume tests (and the artifact checks)."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    t = MemoryTracker()
+    result = tr.train(tiny(**RESUME_CFG, **{"train.sample_every": 8}), run_dir, tracker=t, progress=False)
+    return run_dir, t, result
+
+
+def test_run_writes_the_contract_artifacts(straight: tuple[Path, MemoryTracker, tr.TrainResult]) -> None:
+    run_dir, t, result = straight
+    assert result.steps_done == 12 and not result.diverged and result.img_per_s > 0
+    assert json.loads((run_dir / "config.json").read_text()) == tiny(**RESUME_CFG, **{"train.sample_every": 8}).to_dict()
+    assert Image.open(run_dir / "samples" / "grid_step000008.png").size[0] >= 64
+    assert Image.open(run_dir / "samples" / "final.png").size == Image.open(run_dir / "samples" / "grid_step000008.png").size
+    prompts = json.loads((run_dir / "samples" / "prompts.json").read_text())
+    assert prompts["seed"] == tr.GRID_SEED and len(prompts["prompts"]) == 16
+    table = json.loads((run_dir / "timestep_loss.json").read_text())
+    assert table["columns"] == ["step", "bucket", "t_lo", "t_hi", "t_mid", "loss"]
+    assert [row[0] for row in table["data"]] == [4] * 4 + [8] * 4 + [12] * 4
+    assert t.tables["timestep_loss.json"]["loss"] == [row[5] for row in table["data"]]
+    assert [s for s, _ in list_checkpoints(run_dir)] == [6, 9, 12]  # every 3 steps, last KEEP_LAST=3 kept
+    # Params: the whole config plus the resolved fast-path switches.
+    assert set(tiny().flat()) <= set(t.params)
+    assert t.params["perf_resolved.compile"] == "False" and t.params["perf_resolved.mixed_precision"] == "no"
+    assert [s for s, _ in t.series("train_loss")] == [2, 4, 6, 8, 10, 12]
+    assert [s for s, _ in t.series("heldout_loss_b00")] == [4, 8, 12]
+    for name in ("final_train_loss", "final_heldout_loss", "train_wall_s", "img_per_s_mean", "lr", "img_per_s"):
+        assert t.series(name), name
+    assert t.series("final_heldout_loss")[0][1] == result.heldout_loss == t.series("heldout_loss")[-1][1]
+    # The held-out mean is the mean of its buckets.
+    buckets = [t.series(f"heldout_loss_b{b:02d}")[-1][1] for b in range(4)]
+    assert result.heldout_loss == pytest.approx(sum(buckets) / 4)
+
+
+def test_resume_after_clean_stop_reproduces_the_curves_exactly(
+        straight: tuple[Path, MemoryTracker, tr.TrainResult], tmp_path: Path) -> None:
+    _, ref, _ = straight
+    first, second = MemoryTracker(), MemoryTracker()
+    cfg = tiny(**RESUME_CFG, **{"train.sample_every": 8})
+    tr.train(cfg.with_overrides({"train.steps": 6}), tmp_path, tracker=first, progress=False)
+    tr.train(cfg, tmp_path, tracker=second, progress=False)
+    a, b1, b2 = curves(ref), curves(first), curves(second)
+    assert b1["train_loss"] and b2["train_loss"]
+    for k in ("train_loss", "train_objective", "grad_norm"):
+        assert b1[k] + b2[k] == a[k], k  # bit for bit
+    # The first leg evaluates at its own last step (6); every shared eval step matches exactly.
+    joined = dict(b1["heldout_loss"] + b2["heldout_loss"])
+    assert all(joined[s] == v for s, v in a["heldout_loss"])
+    assert second.tags["diffablate.resumed_from_step"] == "6"
+
+
+def test_resume_after_crash_continues_exactly(
+        straight: tuple[Path, MemoryTracker, tr.TrainResult], tmp_path: Path) -> None:
+    _, ref, _ = straight
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_8(step: int, metrics: dict[str, float]) -> None:
+        if step == 8:
+            raise Crash  # after the step-6 checkpoint, before step 9's: steps 7-8 are lost and redone
+
+    cfg = tiny(**RESUME_CFG, **{"train.sample_every": 8})
+    with pytest.raises(Crash):
+        tr.train(cfg, tmp_path, tracker=MemoryTracker(), progress=False, on_eval=crash_at_8)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 6]
+    again = MemoryTracker()
+    tr.train(cfg, tmp_path, tracker=again, progress=False)
+    a = curves(ref)
+    for k in CURVES:
+        assert again.series(k) == [(s, v) for s, v in a[k] if s > 6], k
+
+
+def test_resume_refuses_a_different_experiment(straight: tuple[Path, MemoryTracker, tr.TrainResult],
+                                               tmp_path: Path) -> None:
+    run_dir, _, _ = straight
+    with pytest.raises(CheckpointError, match=r"train\.lr"):
+        tr.train(tiny(**RESUME_CFG, **{"train.lr": 5e-4, "train.steps": 13}), run_dir, progress=False)
+
+
+def test_no_resume_starts_over(tmp_path: Path) -> None:
+    cfg = tiny(**{"train.steps": 3, "train.eval_every": 3})
+    a, b = MemoryTracker(), MemoryTracker()
+    tr.train(cfg, tmp_path, tracker=a, progress=False)
+    tr.train(cfg, tmp_path, tracker=b, progress=False, resume=False)
+    assert a.series("train_loss") == b.series("train_loss")  # same seed, from scratch: same curve
+    assert "diffablate.resumed_from_step" not in b.tags
+
+
+@pytest.mark.parametrize(("nan_step", "log_every", "detected", "logged"), [
+    (3, 2, 4, [2, 4]),  # caught at the next log interval: no per-step host sync
+    (5, 4, 5, [4, 5]),  # caught before the step-5 checkpoint, which is never written
+])
+def test_divergence_raises_with_reason_after_logging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nan_step: int,
+                                                     log_every: int, detected: int, logged: list[int]) -> None:
+    real = diffusion.training_losses
+    calls = {"n": 0}
+
+    def poisoned(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        return out * float("nan") if calls["n"] == nan_step else out
+
+    monkeypatch.setattr(diffusion, "training_losses", poisoned)
+    t = MemoryTracker()
+    cfg = tiny(**{"train.steps": 10, "train.log_every": log_every, "train.checkpoint_every": 5, "train.eval_every": 10})
+    with pytest.raises(tr.TrainingDiverged) as info:
+        tr.train(cfg, tmp_path, tracker=t, progress=False)
+    assert info.value.step == detected and "nan" in info.value.reason
+    assert info.value.result is not None and info.value.result.diverged and info.value.result.steps_done == detected
+    assert [s for s, _ in t.series("train_loss")] == logged  # logged what it had, NaN included
+    assert t.tags["diffablate.diverged_at_step"] == str(detected)
+    assert list_checkpoints(tmp_path) == []  # no poisoned checkpoint
+
+
+def test_divergence_threshold(tmp_path: Path) -> None:
+    with pytest.raises(tr.TrainingDiverged, match=r"train\.diverge_loss") as info:
+        tr.train(tiny(**{"train.diverge_loss": 1e-6}), tmp_path, progress=False)
+    assert info.value.step == 2
+
+
+def test_perf_auto_resolution_and_validation() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert tr.resolve_perf(PerfConfig(), cpu) == tr.PerfResolved("no", False, False, False, True, False)
+    assert tr.resolve_perf(PerfConfig(), cuda) == tr.PerfResolved("bf16", True, True, True, True, False)
+    assert tr.resolve_perf(PerfConfig(compile="off", mixed_precision="no"), cuda).compile is False
+    with pytest.raises(ConfigError, match="perf.cuda_graphs"):
+        tr.resolve_perf(PerfConfig(cuda_graphs="on"), cuda)
+    assert tr.resolve_perf(PerfConfig(), cpu).params()["perf_resolved.data_on_device"] == "True"
+
+
+def test_fast_path_switches_do_not_change_what_is_measured(tmp_path: Path) -> None:
+    # channels_last, fused AdamW and host-resident data all run on the CPU too: same losses up to rounding.
+    cfg = tiny(**{"train.steps": 4, "train.eval_every": 4, "train.checkpoint_every": 0})
+    slow, fast = MemoryTracker(), MemoryTracker()
+    tr.train(cfg, tmp_path / "a", tracker=slow, progress=False)
+    fast_cfg = cfg.with_overrides({"perf.channels_last": "on", "perf.fused_adam": "on", "perf.data_on_device": "off"})
+    tr.train(fast_cfg, tmp_path / "b", tracker=fast, progress=False)
+    assert fast.params["perf_resolved.channels_last"] == "True"
+    for k in ("train_loss", "heldout_loss"):
+        (s1, v1), (s2, v2) = slow.series(k)[-1], fast.series(k)[-1]
+        assert s1 == s2 and v1 == pytest.approx(v2, rel=1e-4), k
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_compile(module: torch.nn.Module, **_: Any) -> Any:
+        def fail(*a: Any, **k: Any) -> None:
+            raise RuntimeError("no C compiler")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    cfg = tiny(**{"train.steps": 2, "train.eval_every": 2, "perf.compile": "on"})
+    eager = MemoryTracker()
+    tr.train(tiny(**{"train.steps": 2, "train.eval_every": 2}), tmp_path / "eager", tracker=eager, progress=False)
+    with pytest.warns(UserWarning, match="torch.compile failed.*no C compiler"):
+        t = MemoryTracker()
+        tr.train(cfg, tmp_path / "c", tracker=t, progress=False)
+    assert t.series("train_loss") == eager.series("train_loss")  # the warm-up left no trace in the run
+
+
+def test_load_trained_uses_ema_weights(straight: tuple[Path, MemoryTracker, tr.TrainResult]) -> None:
+    run_dir, _, _ = straight
+    trained = tr.load_trained(run_dir, "cpu")
+    assert trained.step == 12 and not trained.denoiser.training
+    bundle = tr.ModelBundle(trained.denoiser, trained.text_encoder)
+    reference = tr.build_models(trained.cfg, json.loads((trained.checkpoint / "captions.json").read_text()))
+    load_weights(trained.checkpoint, "ema", reference)
+    online = tr.build_models(trained.cfg, json.loads((trained.checkpoint / "captions.json").read_text()))
+    load_weights(trained.checkpoint, "denoiser", online.denoiser)
+    for (k, a), b, c in zip(bundle.state_dict().items(), reference.state_dict().values(),
+                            online.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), k
+    assert any(not torch.equal(a, c) for a, c in zip(bundle.denoiser.parameters(), online.denoiser.parameters()))
+    g = torch.Generator().manual_seed(0)
+    images = diffusion.generate(trained.denoiser, trained.text_encoder, ["a red circle"], cfg=trained.cfg, steps=2,
+                                generator=g, device="cpu")
+    assert images.shape == (1, 3, 16, 16) and images.dtype == torch.uint8
+
+
+def test_stream_seeds_are_distinct_and_stable() -> None:
+    seeds = {tr.stream_seed(0, s) for s in (*tr.STREAMS, "init", "global")}
+    assert len(seeds) == len(tr.STREAMS) + 2
+    assert tr.stream_seed(0, "noise") == tr.stream_seed(0, "noise") != tr.stream_seed(1, "noise")
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+@pytest.mark.slow
+def test_heldout_loss_falls(tmp_path: Path) -> None:
+    """A few hundred steps at 16 px: the mean per-bucket held-out loss drops from the first eval to the last."""
+    cfg = tiny(**{"train.steps": 300, "train.batch_size": 16, "data.n_train": 512, "train.log_every": 25,
+                  "train.eval_every": 50, "train.checkpoint_every": 0, "train.ema_decay": 0.99,
+                  "train.lr": 2e-3, "train.warmup_steps": 20})
+    t = MemoryTracker()
+    t0 = time.perf_counter()
+    tr.train(cfg, tmp_path, tracker=t, progress=False)
+    elapsed = time.perf_counter() - t0
+    curve = t.series("heldout_loss")
+    warnings.warn(f"slow trainer test: 300 steps in {elapsed:.0f} s; held-out {curve}", stacklevel=1)
+    assert curve[-1][1] < 0.7 * curve[0][1]
