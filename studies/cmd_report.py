@@ -1,7 +1,46 @@
-"""CLI commands: report (work in progress)."""
+"""CLI command: `report STUDY` - regenerate a study's report from its MLflow store alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add `diffablate report` to the root app."""
+    app.command("report")(report)
+
+
+def report(
+    study: str = typer.Argument(..., help="Study name (= MLflow experiment name)."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Study work dir [default: studies-out/STUDY]."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
+                                               help="MLflow tracking URI [default: sqlite:///WORKDIR/mlflow.db]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory [default: WORKDIR/report]."),
+    optuna_storage: Optional[str] = typer.Option(None, "--optuna-storage",
+                                                 help="Optuna storage URL for the search plots "
+                                                      "[default: WORKDIR/optuna.db if it exists]."),
+    log: bool = typer.Option(True, "--log/--no-log", help="Log the report to the study's parent MLflow run."),
+) -> None:
+    """Write report.md, report.html, trials.csv, claims.csv and figures/ for STUDY, from MLflow alone."""
+    # Imported here so `diffablate --help` stays fast (mlflow, seaborn and scipy are heavy imports).
+    from diffablate.reports.build import build_report, default_tracking_uri, find_optuna_storage
+    from diffablate.reports.load import ReportError
+
+    wd = workdir if workdir is not None else Path("studies-out") / study
+    uri = tracking_uri or default_tracking_uri(wd)
+    if tracking_uri is None and not (wd / "mlflow.db").is_file():
+        # Without this check MLflow would silently create an empty store and the error would be vaguer.
+        typer.echo(f"error: study {study!r}: no MLflow store at {wd / 'mlflow.db'} (pass --workdir or --tracking-uri)",
+                   err=True)
+        raise typer.Exit(2)
+    try:
+        result = build_report(study, uri, out if out is not None else wd / "report",
+                              optuna_storage=optuna_storage or find_optuna_storage(wd), log_to_mlflow=log)
+    except ReportError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    verdicts = ", ".join(f"{c}: {v}" for c, v in zip(result.claims["claim"], result.claims["verdict"])) or "no claims"
+    typer.echo(f"wrote {result.out_dir} ({len(result.files)} files; {verdicts})")
