@@ -51,7 +51,8 @@ def training_target(scheduler: DDPMScheduler, x0: Tensor, noise: Tensor, t: Tens
     try:
         target = TARGETS[prediction_type]
     except KeyError:
-        raise ConfigError(f"diffusion.prediction_type: must be one of {list(TARGETS)}, got {prediction_type!r}") from None
+        raise ConfigError(f"diffusion.prediction_type: must be one of {list(TARGETS)}, "
+                          f"got {prediction_type!r}") from None
     return target(scheduler, x0, noise, t)
 
 

@@ -286,7 +286,8 @@ def test_min_snr_equals_min_snr_weighted_x0_loss(prediction_type):
     weigh = axes.LOSS_WEIGHTINGS.get("min-snr")(c, sch)
     g = gen()
     t = torch.tensor([3, 40, 200, 700])
-    x0, eps = torch.randn(4, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(4, 3, 4, 4, generator=g, dtype=torch.float64)
+    x0 = torch.randn(4, 3, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(4, 3, 4, 4, generator=g, dtype=torch.float64)
     ab = sch.alphas_cumprod.double()[t][:, None, None, None]
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
     pred = torch.randn(4, 3, 4, 4, generator=g, dtype=torch.float64)  # some network output

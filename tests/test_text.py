@@ -110,7 +110,8 @@ def test_vocabulary_travels_in_the_state_dict():
 
 def test_clip_ctor_is_lazy():
     # Importing the text module must not import the CLIP module (transformers, a trained checkpoint).
-    code = "import sys, diffablate.models.text as t; assert 'diffablate.models.clip' not in sys.modules; print(list(t.TEXT_ENCODERS))"
+    code = ("import sys, diffablate.models.text as t; assert 'diffablate.models.clip' not in sys.modules; "
+            "print(list(t.TEXT_ENCODERS))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "clip" in out.stdout
