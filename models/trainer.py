@@ -379,45 +379,15 @@ def train(cfg: RunConfig, run_dir: str | Path, *, tracker: Tracker | None = None
     """
     t_start = time.perf_counter()
     c = _setup(cfg, Path(run_dir), tracker or NullTracker(), resume)
-    step, total, B = c.start_step, cfg.train.steps, cfg.train.batch_size
+    step, total = c.start_step, cfg.train.steps
     params = [p for p in c.model.parameters() if p.requires_grad]
     t_interval = time.perf_counter()
     with _progress(progress, total, step) as advance:
         while step < total:
-            # Batch: indices and caption dropout from CPU streams (the host needs the captions anyway, and
-            # a CPU draw costs no device sync). The datasets are in-memory tensors, so indexing replaces a
-            # DataLoader: no workers, no collate, no host->device copy of images when they live on the GPU.
-            idx = torch.randint(len(c.train), (B,), generator=c.gens["data"])
-            x0 = to_model_range(c.train_images[idx.to(c.train_images.device)].to(c.device, non_blocking=True))
-            if c.perf.channels_last:
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-            captions = drop_captions([c.train.captions[i] for i in idx.tolist()], cfg.axes.cond_dropout,
-                                     c.gens["dropout"])
-            # Timesteps + importance weights from the sampler axis; noise from its own device stream.
-            t, w = c.sampler.sample(B, step, c.gens["timestep"], c.device)
-            noise = torch.randn(x0.shape, generator=c.gens["noise"], device=c.device)
-            # Forward: per-example unweighted MSE (the quantity every arm is compared on).
-            with c.autocast():
-                text = c.model.text_encoder(captions)
-                losses = diffusion.training_losses(c.forward_denoiser, c.scheduler, x0, t, noise, text,
-                                                   cfg.diffusion.prediction_type).float()
-            # Weighting: sampler importance weights x the loss-weighting axis -> the optimised objective.
-            objective = (losses * w * c.loss_weighting(t)).mean()
-            # Backward, clip, AdamW with linear LR warm-up (scaler is a pass-through unless fp16).
-            c.optimizer.zero_grad(set_to_none=True)
-            c.scaler.scale(objective).backward()
-            c.scaler.unscale_(c.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)  # a tensor: no sync
-            lr = cfg.train.lr * min(1.0, (step + 1) / cfg.train.warmup_steps) if cfg.train.warmup_steps else cfg.train.lr
-            for group in c.optimizer.param_groups:
-                group["lr"] = lr
-            c.scaler.step(c.optimizer)
-            c.scaler.update()
+            # One optimisation step (batch draw, forward, weighting, backward, AdamW, EMA): `train_step`,
+            # shared with `diffablate bench`, so the benchmark times exactly this code.
+            lr = train_step(c, step, draw_batch(c, step), params)
             step += 1
-            # EMA, then sampler feedback with the unweighted losses (a no-op for most samplers).
-            c.ema.update(step)
-            c.sampler.update(t, losses.detach())
-            c.meter.add(losses.mean(), objective, grad_norm)
             advance()
             # Periodic work, each in a helper: log (+ divergence check), eval, samples, checkpoint.
             if step % cfg.train.log_every == 0 or step == total:
@@ -434,6 +404,75 @@ def train(cfg: RunConfig, run_dir: str | Path, *, tracker: Tracker | None = None
                 with _excluded(c):
                     _save_checkpoint(c, step, lr, t_interval, t_start)
     return _finish(c, step, t_start)
+
+
+# --- one training step (the loop's body; also what `diffablate bench` times) -------------------------------
+
+
+@dataclass
+class Batch:
+    """One step's inputs: images, (dropped) captions, timesteps + importance weights, noise."""
+
+    x0: Tensor  # [B, C, H, W] in [-1, 1], on the device (channels_last when perf.channels_last)
+    captions: list[str]
+    t: Tensor  # long [B]
+    w: Tensor  # float [B], the sampler's importance weights
+    noise: Tensor
+
+
+def draw_batch(c: "_Ctx", step: int) -> Batch:
+    """The step's batch, drawn from the run's seeded streams (the same draws on every device)."""
+    B = c.cfg.train.batch_size
+    # Indices and caption dropout from CPU streams (the host needs the captions anyway, and a CPU draw
+    # costs no device sync). The datasets are in-memory tensors, so indexing replaces a DataLoader: no
+    # workers, no collate, no host->device copy of images when they live on the GPU.
+    idx = torch.randint(len(c.train), (B,), generator=c.gens["data"])
+    x0 = to_model_range(c.train_images[idx.to(c.train_images.device)].to(c.device, non_blocking=True))
+    if c.perf.channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    captions = drop_captions([c.train.captions[i] for i in idx.tolist()], c.cfg.axes.cond_dropout, c.gens["dropout"])
+    # Timesteps + importance weights from the sampler axis; noise from its own device stream.
+    t, w = c.sampler.sample(B, step, c.gens["timestep"], c.device)
+    noise = torch.randn(x0.shape, generator=c.gens["noise"], device=c.device)
+    return Batch(x0, captions, t, w, noise)
+
+
+def step_losses(c: "_Ctx", batch: Batch) -> tuple[Tensor, Tensor]:
+    """(per-example unweighted MSE [B] - what every arm is compared on, the optimised objective)."""
+    with c.autocast():
+        text = c.model.text_encoder(batch.captions)
+        losses = diffusion.training_losses(c.forward_denoiser, c.scheduler, batch.x0, batch.t, batch.noise, text,
+                                           c.cfg.diffusion.prediction_type).float()
+    # Weighting: sampler importance weights x the loss-weighting axis -> the optimised objective.
+    return losses, (losses * batch.w * c.loss_weighting(batch.t)).mean()
+
+
+def train_step(c: "_Ctx", step: int, batch: Batch, params: list[nn.Parameter]) -> float:
+    """Forward, backward, clip, AdamW, EMA and sampler feedback for step `step` -> the lr used. No host sync."""
+    cfg = c.cfg
+    losses, objective = step_losses(c, batch)
+    # Backward, clip, AdamW with linear LR warm-up (scaler is a pass-through unless fp16).
+    c.optimizer.zero_grad(set_to_none=True)
+    c.scaler.scale(objective).backward()
+    c.scaler.unscale_(c.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)  # a tensor: no sync
+    lr = cfg.train.lr * min(1.0, (step + 1) / cfg.train.warmup_steps) if cfg.train.warmup_steps else cfg.train.lr
+    for group in c.optimizer.param_groups:
+        group["lr"] = lr
+    c.scaler.step(c.optimizer)
+    c.scaler.update()
+    # EMA, then sampler feedback with the unweighted losses (a no-op for most samplers).
+    c.ema.update(step + 1)
+    c.sampler.update(batch.t, losses.detach())
+    c.meter.add(losses.mean(), objective, grad_norm)
+    return lr
+
+
+def build_context(cfg: RunConfig, run_dir: str | Path, *, tracker: Tracker | None = None,
+                  resume: bool = False) -> "_Ctx":
+    """Everything `train` builds before its loop (data, models, optimiser, compile warm-up), for callers
+    that drive `draw_batch` / `train_step` themselves: `diffablate bench` and the tests."""
+    return _setup(cfg, Path(run_dir), tracker or NullTracker(), resume)
 
 
 # --- the loop's helpers ------------------------------------------------------------------------------------
