@@ -14,10 +14,11 @@ study_app = typer.Typer(help="Run and inspect Optuna studies tracked in MLflow."
 
 
 def _errors() -> tuple[type[BaseException], ...]:
+    from diffablate.metrics.images import MetricsError
     from diffablate.models.data import DataError
     from diffablate.studies.runner import StudyError
 
-    return (ConfigError, SpecError, StudyError, DataError)
+    return (ConfigError, SpecError, StudyError, DataError, MetricsError)
 
 
 def _fail(e: BaseException) -> None:
@@ -48,11 +49,14 @@ def run_cmd(
 ) -> None:
     """Run (or resume) a study until every planned trial has finished. Run it again to resume; run the same
     command with the same --storage elsewhere to add workers."""
-    from diffablate.studies import runner
+    from diffablate.studies import preflight, runner
     from diffablate.studies.spec import load_spec
 
     try:
         spec = load_spec(spec_file)
+        # Everything the spec parser cannot see (data files, FID weights, storage, work dir), checked
+        # before the work dir, the Optuna study or any MLflow run is created.
+        preflight.check_study(spec, workdir=workdir, storage=storage, new_name=new_name)
         if dry_run:
             _print_plan(spec)
             return

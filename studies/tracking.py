@@ -176,8 +176,11 @@ def open_tracking(tracking_uri: str | None, workdir: str | Path, *, check: bool 
     uri = default_tracking_uri(workdir) if tracking_uri is None else validate_uri(tracking_uri)
     db = sqlite_path(uri)
     if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        relocate_store(db)
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            relocate_store(db)
+        except (OSError, sqlite3.Error) as e:  # a parent that is a file, a read-only disk: refuse before training
+            raise TrackingError(f"--tracking-uri {uri!r}: cannot create or open {db} ({e})") from None
     if check:
         check_reachable(uri)
     return uri
