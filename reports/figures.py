@@ -193,18 +193,21 @@ def step_curves(steps: pd.DataFrame, out_dir: Path, hue: pd.Series | None = None
         return None
     metrics = [m for m in ("train_loss", "heldout_loss") if m in set(steps["metric"])]
     if hue is not None and style is not None:
-        data = steps.assign(cell=steps["run_id"].map(hue), style=steps["run_id"].map(style))
-        hue_title, style_kw = f"{hue.name} (colour) / {style.name} (dashes)", {"style": "style"}
+        # Columns named after the axes, so seaborn's legend sub-titles read "conditioning", "timestep_sampler".
+        hue_col, style_col = str(hue.name), str(style.name)
+        data = steps.assign(**{hue_col: steps["run_id"].map(hue), style_col: steps["run_id"].map(style)})
+        hue_title, style_kw = "", {"style": style_col, "style_order": sorted(data[style_col].dropna().unique())}
     else:
-        data = steps.assign(cell=steps["cell"].map(cell_label))
-        hue_title, style_kw = "design cell", {}
-    order = sorted(data["cell"].unique())
+        hue_col = "design cell"
+        data = steps.assign(**{hue_col: steps["cell"].map(cell_label)})
+        hue_title, style_kw = "design cell ", {}
+    order = sorted(data[hue_col].dropna().unique())
     with theme():
         fig = Figure(figsize=(4.8 * len(metrics), 3.6 + 0.25 * math.ceil(len(order) / 2)), layout="constrained")
         axes = fig.subplots(1, len(metrics), squeeze=False)[0]
         for ax, metric in zip(axes, metrics):
             d = data[data["metric"] == metric]
-            sns.lineplot(data=d, x="step", y="value", hue="cell", hue_order=order, errorbar=t_errorbar(), ax=ax,
+            sns.lineplot(data=d, x="step", y="value", hue=hue_col, hue_order=order, errorbar=t_errorbar(), ax=ax,
                          legend=ax is axes[0], err_kws={"alpha": 0.12}, **style_kw)
             ax.set_ylabel(metric)
             ax.set_title(metric)
@@ -213,8 +216,10 @@ def step_curves(steps: pd.DataFrame, out_dir: Path, hue: pd.Series | None = None
         if axes[0].get_legend() is not None:
             handles, labels = axes[0].get_legend_handles_labels()
             axes[0].get_legend().remove()
-            fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False,
-                       title=f"{hue_title} (band: {LEVEL:.0%} t-CI across seeds)")
+            # hue + style: a one-column legend on the right keeps each sub-title above its own entries.
+            where, ncol = ("outside right upper", 1) if style_kw else ("outside lower center", 2)
+            fig.legend(handles, labels, loc=where, ncol=ncol, frameon=False,
+                       title=f"{hue_title}(band: {LEVEL:.0%} t-CI\nacross seeds)")
         return save(fig, out_dir, "steps")
 
 
