@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from diffablate.metrics.stats import percentile_bootstrap
 from diffablate.models.clip import Clip, rgb, tokenize
 
 
@@ -85,16 +86,14 @@ class ClipScoreResult:
                 f"{prefix}_n": float(self.n)}
 
 
-def bootstrap_mean_ci(values: torch.Tensor, b: int, seed: int, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean (b resamples, seeded); (mean, mean) when b == 0."""
-    values = values.double()
-    if b == 0 or len(values) < 2:
-        m = float(values.mean())
+def bootstrap_mean_ci(values: torch.Tensor, b: int, seed: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of per-item values (metrics/stats.py); (mean, mean) when b == 0."""
+    v = values.double().cpu().numpy()
+    if b == 0 or len(v) < 2:
+        m = float(v.mean())
         return m, m
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(values), (b, len(values)), generator=gen)
-    means = values[idx].mean(1)
-    return float(means.quantile(alpha / 2)), float(means.quantile(1 - alpha / 2))
+    ci = percentile_bootstrap(lambda idx: v[idx].mean(), len(v), n_resamples=b, seed=seed, confidence=confidence)
+    return ci.low, ci.high
 
 
 def _per_image(clip: Clip, images_u8: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:

@@ -196,18 +196,25 @@ def rgb(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.expand(-1, 3, -1, -1) if images_u8.shape[1] == 1 else images_u8
 
 
+def too_long(tokenizer: Any, captions: Sequence[str], context: int) -> list[str]:
+    """The captions whose token count (incl. BOS/EOS) exceeds `context`."""
+    return [c for c, ids in zip(captions, tokenizer(list(captions))["input_ids"]) if len(ids) > context]
+
+
+def _warn_truncated(long: list[str], context: int) -> None:
+    warnings.warn(f"{len(long)} caption(s) longer than the CLIP text context ({context} tokens incl. BOS/EOS) "
+                  f"were truncated, e.g. {long[0]!r}", UserWarning, stacklevel=3)
+
+
 def tokenize(tokenizer: Any, captions: Sequence[str], context: int, *, pad_to_context: bool = False,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) long [B, L]; captions over `context` tokens are truncated with a warning.
+             warn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) long [B, L]; captions over `context` tokens are truncated (with a warning).
 
     Truncation keeps the final EOS (the tokenizer truncates words before adding BOS/EOS), so the pooled
     embedding is still taken at an EOS. `pad_to_context` pads every row to `context`, else to the longest.
     """
-    lengths = [len(ids) for ids in tokenizer(list(captions))["input_ids"]]
-    too_long = [c for c, n in zip(captions, lengths) if n > context]
-    if too_long:
-        warnings.warn(f"{len(too_long)} caption(s) longer than the CLIP text context ({context} tokens incl. "
-                      f"BOS/EOS) were truncated, e.g. {too_long[0]!r}", UserWarning, stacklevel=2)
+    if warn and (long := too_long(tokenizer, captions, context)):
+        _warn_truncated(long, context)
     enc = tokenizer(list(captions), truncation=True, max_length=context,
                     padding="max_length" if pad_to_context else "longest", return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
@@ -287,7 +294,7 @@ def train_clip(train: CaptionedImages, clip_cfg: ClipConfig, out_dir: str | Path
 
     torch.manual_seed(seed)
     model = build_model(clip_cfg, tokenizer, image_size).to(dev).train()
-    # No weight decay on norms, biases, embeddings' temperature: the usual AdamW split.
+    # No weight decay on norms, biases, embeddings and the temperature: the usual AdamW split.
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": clip_cfg.weight_decay},
@@ -529,6 +536,7 @@ class ClipTextEncoder(TextEncoder):
         self.dim = int(clip.config.text_config.hidden_size)
         self.pooled_dim = int(clip.config.projection_dim)
         self.trainable = False
+        self._warned = False
         self.requires_grad_(False)
         self.eval()
 
@@ -547,7 +555,11 @@ class ClipTextEncoder(TextEncoder):
 
     def forward(self, captions: list[str]) -> TextEmbedding:
         device = self.text_projection.weight.device
-        ids, mask = tokenize(self.tokenizer, captions, self.max_length, pad_to_context=True)
+        # Warn about truncation once per encoder, not at every training step.
+        if not self._warned and (long := too_long(self.tokenizer, captions, self.max_length)):
+            _warn_truncated(long, self.max_length)
+            self._warned = True
+        ids, mask = tokenize(self.tokenizer, captions, self.max_length, pad_to_context=True, warn=False)
         ids, mask = ids.to(device), mask.to(device)
         with torch.no_grad():
             out = self.text_model(input_ids=ids, attention_mask=mask)

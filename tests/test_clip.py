@@ -204,6 +204,13 @@ def test_clip_text_encoder_shapes_mask_null_caption_and_frozen(encoder_dir: Path
     assert not any(p.requires_grad for p in enc.parameters())
     parent = torch.nn.ModuleDict({"text": enc}).train()
     assert not parent["text"].training and not enc.text_model.training
+    # Over-long captions: truncated to max_length, warned about once per encoder (not at every step).
+    long_caption = "a red circle left of a blue square " * 3
+    with pytest.warns(UserWarning, match="truncated"):
+        assert enc([long_caption]).mask.sum() == 12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enc([long_caption])
     # pooled is the CLIP text embedding (the projected EOS state) of the saved model.
     model = clip.Clip(encoder_dir)
     assert torch.allclose(torch.nn.functional.normalize(emb.pooled, dim=-1), model.text_embeds(caps), atol=1e-5)
