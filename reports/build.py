@@ -9,6 +9,7 @@ it twice gives byte-identical CSV, Markdown, HTML and figures.
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -41,8 +42,17 @@ def default_tracking_uri(workdir: Path) -> str:
     return f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
 
 
-def find_optuna_storage(workdir: Path) -> str | None:
-    """An Optuna SQLite storage inside the work dir, if studies/ left one there."""
+def find_optuna_storage(workdir: Path, study: str) -> str | None:
+    """The study's Optuna storage: as recorded in ``<workdir>/study.json`` by studies/, else an Optuna SQLite
+    file in the work dir; None when there is neither (the search plots are then skipped with a note)."""
+    try:
+        recorded = json.loads((workdir / "study.json").read_text())["studies"][study].get("storage")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        recorded = None
+    if recorded:
+        if recorded.startswith("journal:") and not Path(recorded[len("journal:"):]).is_absolute():
+            return "journal:" + str((workdir / recorded[len("journal:"):]).resolve())  # relative to the work dir
+        return str(recorded)
     for name in OPTUNA_FILES:
         if (workdir / name).is_file():
             return f"sqlite:///{(workdir / name).resolve()}"
@@ -101,7 +111,10 @@ def _overview(study: StudyData) -> str:
     seeds = sorted(int(s) for s in study.trials["seed"].unique())
     spec = study.parent_tags.get("diffablate.spec_hash", "–")
     axes = ", ".join(f"`{a}`" for a in study.axes) or "none"
-    return (f"Experiment `{study.study}`, parent run `{study.parent_run_id}`, spec hash `{spec}`. "
+    kind = study.parent_tags.get("diffablate.kind")
+    planned = study.parent_tags.get("diffablate.n_planned")
+    design = (f"Design: {kind}" + (f", {planned} trials planned" if planned else "") + ". ") if kind or planned else ""
+    return (design + f"Experiment `{study.study}`, parent run `{study.parent_run_id}`, spec hash `{spec}`. "
             f"{len(study.trials)} trials ({by_status}) over {study.trials['cell'].nunique()} design cells "
             f"and seeds {seeds}. Design axes: {axes}. Generated from MLflow alone by `diffablate report`.")
 
@@ -210,9 +223,10 @@ def _dynamics_section(study: StudyData, fig_dir: Path) -> list[Block]:
     sampler = _axis_by_run(study, SAMPLER_AXIS)
     if sampler.nunique(dropna=True) > 1:
         # Facet by the other design axes, so each panel compares samplers with everything else fixed.
-        from diffablate.reports.load import parse_cell
+        from diffablate.reports.load import parse_cell, same_axis
 
-        others = cells.map(lambda c: ",".join(f"{k}={v}" for k, v in parse_cell(c).items() if k != SAMPLER_AXIS))
+        others = cells.map(lambda c: ",".join(f"{k}={v}" for k, v in parse_cell(c).items()
+                                              if not same_axis(k, SAMPLER_AXIS)))
         hue, hue_name, facet = sampler, SAMPLER_AXIS, others
     else:
         hue, hue_name, facet = cells.map(figures.cell_label), "cell", None

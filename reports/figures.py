@@ -269,7 +269,7 @@ def interaction_heatmaps(trials: pd.DataFrame, a: str, b: str, metrics: list[str
             ax.set_title(metric)
         for ax in axes[len(metrics):]:
             ax.set_visible(False)
-        return save(fig, out_dir, f"interaction_{a}_{b}".replace(".", "_"))
+        return save(fig, out_dir, f"interaction_{a.split('.')[-1]}_{b.split('.')[-1]}")
 
 
 def optuna_plots(storage: str, study_name: str, out_dir: Path) -> tuple[list[str], str]:
@@ -279,6 +279,13 @@ def optuna_plots(storage: str, study_name: str, out_dir: Path) -> tuple[list[str
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
+        if storage.startswith("journal:"):  # studies/ may keep a journal file instead of a database
+            from optuna.storages.journal import JournalFileBackend
+
+            path = storage[len("journal:"):]
+            if not Path(path).is_file():
+                raise FileNotFoundError(path)
+            storage = optuna.storages.JournalStorage(JournalFileBackend(path))  # type: ignore[assignment]
         names = optuna.get_all_study_names(storage)
     except Exception as e:  # noqa: BLE001 - any storage failure is reported, not fatal
         return [], f"Optuna storage {storage} could not be read ({type(e).__name__}: {e}); search plots skipped."

@@ -78,10 +78,18 @@ def parse_cell(cell: str) -> dict[str, str]:
     return out
 
 
+def same_axis(a: str, b: str) -> bool:
+    """``timestep_sampler`` and ``axes.timestep_sampler`` name the same axis (specs may use either form)."""
+    return a == b or a.endswith("." + b) or b.endswith("." + a)
+
+
 def axis_value(params: dict[str, str], cell: dict[str, str], axis: str) -> str | None:
     """An axis' value for one run: from the cell tag, else the param ``axis`` / ``axes.axis`` / ``*.axis``."""
     if axis in cell:
         return cell[axis]
+    hits = [k for k in cell if same_axis(k, axis)]
+    if len(hits) == 1:
+        return cell[hits[0]]
     for key in (axis, f"axes.{axis}"):
         if key in params:
             return params[key]

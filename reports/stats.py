@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from diffablate.reports.load import StudyData, axis_value
+from diffablate.reports.load import StudyData, axis_value, same_axis
 
 LEVEL = 0.95
 # Which way is better for each headline metric; used for secondary-metric effects (claims state their own).
@@ -158,7 +158,8 @@ def claim_effect(study: StudyData, claim: dict[str, Any], metric: str, primary: 
     trials = study.trials
     done = (trials["status"] == "COMPLETE") & trials.get(metric, pd.Series(np.nan, index=trials.index)).notna()
     # Pair on the seed and on every design axis the claim does not fix, so a factorial pairs like with like.
-    others = [a for a in study.axes if a not in base_arm and a not in var_arm]
+    fixed = [*base_arm, *var_arm]
+    others = [a for a in study.axes if not any(same_axis(a, k) for k in fixed)]
     arms = {}
     for label, arm in (("baseline", base_arm), ("variant", var_arm)):
         sel = trials[arm_mask(study, arm) & done] if metric in trials else trials.iloc[0:0]
@@ -237,7 +238,8 @@ def missing_trials(study: StudyData) -> pd.DataFrame:
     bad = t[t["status"] != "COMPLETE"][["trial", "cell", "seed", "status", "fail_reason"]].copy()
     cells, seeds = sorted(t["cell"].unique()), sorted(t["seed"].unique())
     # Only a grid design has a meaningful "expected" set; a search (one trial per cell) would list noise.
-    if cells and len(cells) * len(seeds) <= 2 * len(t):
+    is_search = study.parent_tags.get("diffablate.kind") == "search"
+    if cells and not is_search and len(cells) * len(seeds) <= 2 * len(t):
         have = set(zip(t["cell"], t["seed"]))
         gaps = [{"trial": -1, "cell": c, "seed": s, "status": "NOT RUN", "fail_reason": "no trial in MLflow"}
                 for c in cells for s in seeds if (c, s) not in have]

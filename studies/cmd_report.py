@@ -21,7 +21,7 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory [default: WORKDIR/report]."),
     optuna_storage: Optional[str] = typer.Option(None, "--optuna-storage",
                                                  help="Optuna storage URL for the search plots "
-                                                      "[default: WORKDIR/optuna.db if it exists]."),
+                                                      "[default: as recorded in WORKDIR/study.json, else WORKDIR/optuna.db]."),
     log: bool = typer.Option(True, "--log/--no-log", help="Log the report to the study's parent MLflow run."),
 ) -> None:
     """Write report.md, report.html, trials.csv, claims.csv and figures/ for STUDY, from MLflow alone."""
@@ -38,7 +38,7 @@ def report(
         raise typer.Exit(2)
     try:
         result = build_report(study, uri, out if out is not None else wd / "report",
-                              optuna_storage=optuna_storage or find_optuna_storage(wd), log_to_mlflow=log)
+                              optuna_storage=optuna_storage or find_optuna_storage(wd, study), log_to_mlflow=log)
     except ReportError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -34,15 +34,16 @@ SEED_NOISE = {0: 0.4, 1: -0.3, 2: 0.1}  # shared by both arms of a pair, so the 
 ORACLE_JITTER = {0: 0.02, 1: -0.03, 2: 0.005}  # logit-normal minus uniform per seed: mean ≈ 0, CI straddles 0
 CLAIMS = [
     {"name": "clear_effect", "statement": "logit-normal sampling lowers FID", "metric": "fid",
-     "baseline": {"timestep_sampler": "uniform"}, "variant": {"timestep_sampler": "logit-normal"},
+     "baseline": {"axes.timestep_sampler": "uniform"}, "variant": {"axes.timestep_sampler": "logit-normal"},
      "better": "lower", "expect": "variant_better"},
     {"name": "wrong_direction", "statement": "dropping the text raises CLIP score", "metric": "clip_score",
-     "baseline": {"conditioning": "cross-attention"}, "variant": {"conditioning": "none"},
+     "baseline": {"axes.conditioning": "cross-attention"}, "variant": {"axes.conditioning": "none"},
      "better": "higher", "expect": "variant_better"},
     {"name": "no_effect", "statement": "logit-normal improves oracle accuracy", "metric": "oracle_acc",
-     "baseline": {"timestep_sampler": "uniform"}, "variant": {"timestep_sampler": "logit-normal"},
+     "baseline": {"axes.timestep_sampler": "uniform"}, "variant": {"axes.timestep_sampler": "logit-normal"},
      "better": "higher", "expect": "variant_better"},
     {"name": "too_few_seeds", "statement": "sequential sampling lowers FID", "metric": "fid",
+     # Short axis names (a hand-written claims.json) must match the dotted cell keys too.
      "baseline": {"timestep_sampler": "uniform"}, "variant": {"timestep_sampler": "sequential"},
      "better": "lower", "expect": "variant_better"},
 ]
@@ -57,7 +58,7 @@ def _status(sampler: str, cond: str, seed: int) -> str | None:
 
 def _write_trial(client: MlflowClient, eid: str, parent: str, number: int, sampler: str, cond: str, seed: int,
                  status: str, tmp: Path) -> None:
-    cell = f"conditioning={cond},timestep_sampler={sampler}"
+    cell = f"axes.conditioning={cond},axes.timestep_sampler={sampler}"  # full dotted keys, as studies/ writes
     tags = {"mlflow.parentRunId": parent, "diffablate.role": "trial", "diffablate.study": STUDY,
             "diffablate.trial_number": str(number), "diffablate.cell": cell, "diffablate.seed": str(seed),
             "diffablate.status": status,
@@ -156,7 +157,7 @@ def test_load_gives_one_row_per_trial_with_axes_and_metrics(store: tuple[Path, s
     data = load_study(STUDY, store[1])
     t = data.trials
     assert len(t) == 17 and list(t["trial"]) == list(range(17))
-    assert data.axes == ["conditioning", "timestep_sampler"]
+    assert data.axes == ["axes.conditioning", "axes.timestep_sampler"]
     assert {"fid", "fid_n_gen", "fid_n_ref", "clip_score", "oracle_acc", "fail_reason"} <= set(t.columns)
     assert "heldout_loss_b00" not in t.columns  # UI copies are not final metrics
     assert t["status"].value_counts().to_dict() == {"COMPLETE": 14, "PRUNED": 2, "FAIL": 1}
@@ -183,7 +184,7 @@ def test_welch_when_no_seed_is_shared(store: tuple[Path, str]) -> None:
 
     data = load_study(STUDY, store[1])
     # Shift the variant's seeds so no pair exists: the test must fall back to Welch, same sign of effect.
-    lv = data.trials["timestep_sampler"] == "logit-normal"
+    lv = data.trials["axes.timestep_sampler"] == "logit-normal"
     data.trials.loc[lv, "seed"] += 10
     eff = claim_effect(data, CLAIMS[0], "fid", primary=True)
     assert eff.test.startswith("Welch") and eff.n_pairs == 0
@@ -193,10 +194,10 @@ def test_welch_when_no_seed_is_shared(store: tuple[Path, str]) -> None:
 def test_failed_pruned_and_missing_trials_are_listed(report) -> None:
     missing = report.missing
     rows = {(r.cell, r.seed): r.status for r in missing.itertuples()}
-    assert rows == {("conditioning=cross-attention,timestep_sampler=sequential", 1): "FAIL",
-                    ("conditioning=cross-attention,timestep_sampler=sequential", 2): "PRUNED",
-                    ("conditioning=none,timestep_sampler=sequential", 1): "PRUNED",
-                    ("conditioning=none,timestep_sampler=sequential", 2): "NOT RUN"}
+    assert rows == {("axes.conditioning=cross-attention,axes.timestep_sampler=sequential", 1): "FAIL",
+                    ("axes.conditioning=cross-attention,axes.timestep_sampler=sequential", 2): "PRUNED",
+                    ("axes.conditioning=none,axes.timestep_sampler=sequential", 1): "PRUNED",
+                    ("axes.conditioning=none,axes.timestep_sampler=sequential", 2): "NOT RUN"}
     md = (report.out_dir / "report.md").read_text()
     assert "TrainingDiverged: loss nan at step 12" in md and "NOT RUN" in md
     assert "supported" in md and "contradicted" in md and "Wilcoxon" in md
