@@ -118,6 +118,8 @@ class TrialContext:
             reason = f"worker lost (no heartbeat for {self.spec.runtime.grace_period} s)"
             self.client.set_tag(run_id, "diffablate.fail_reason", reason + ("; retrying" if will_retry else "; retries exhausted"))
             self.client.set_tag(run_id, "diffablate.status", "FAIL")
+            # Kept after a retry reopens the run (which clears fail_reason): the run's history of lost workers.
+            self.client.set_tag(run_id, f"diffablate.lost.t{frozen.number}", reason)
             self.client.set_terminated(run_id, "KILLED" if will_retry else "FAILED")
         self.retry(study, frozen)
 
@@ -272,8 +274,8 @@ def run_trial(ctx: TrialContext, study: optuna.Study, trial: optuna.Trial) -> Tr
         if run_id:
             client.log_text(run_id, traceback.format_exc(), "error.txt")
         raise
-    except BaseException:  # KeyboardInterrupt / SystemExit: record, then let it stop the worker
-        _fail(study, trial, client, run_id, "interrupted")
+    except BaseException:  # KeyboardInterrupt / SystemExit: not the trial's fault - re-queue it, then stop
+        _interrupted(study, trial, client, run_id)
         raise
 
 
@@ -281,6 +283,17 @@ def _fail(study: optuna.Study, trial: optuna.Trial, client: Any, run_id: str | N
     trial.set_user_attr("fail_reason", reason[:2000])
     _end(client, run_id, "FAILED", "FAIL", reason)
     study.tell(trial, state=TrialState.FAIL)
+
+
+def _interrupted(study: optuna.Study, trial: optuna.Trial, client: Any, run_id: str | None) -> None:
+    """Ctrl-C / SIGTERM-as-exception mid-trial: FAIL this attempt (MLflow KILLED) and queue a WAITING copy with
+    the same planned id, grid id and MLflow run, so the next `study run` finishes it from its checkpoint.
+    Unlimited retries: an interrupt says nothing about the trial (max_retry is for workers that die)."""
+    reason = "interrupted (KeyboardInterrupt/SystemExit); re-queued for the next `study run`"
+    trial.set_user_attr("fail_reason", reason)
+    _end(client, run_id, "KILLED", "FAIL", reason)
+    study.tell(trial, state=TrialState.FAIL)
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(study, study._storage.get_trial(trial._trial_id))
 
 
 def _end(client: Any, run_id: str | None, mlflow_status: str, status: str, reason: str) -> None:

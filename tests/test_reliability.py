@@ -1,0 +1,455 @@
+"""What survives what (issue 9): killed workers, a killed or interrupted `study run`, 8 concurrent workers on
+one SQLite store, diverging trials, a trial killed mid-training and resumed from its checkpoint, and a disk
+that fills up while a checkpoint is written.
+
+Kill and concurrency tests drive the real CLI in subprocesses (`python -c "...cli main()"`) with a short
+heartbeat (`[runtime]` in the spec: beat 1 s, grace 3 s). Most use a stand-in trial function
+(`--trial-fn`) that sleeps instead of training, so they test the orchestration, not the trainer; the
+divergence and resume tests train a real 16 px model for a few steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import tomli_w
+from optuna.trial import TrialState
+
+FAKE = '''
+import os, signal, time
+from pathlib import Path
+
+
+def _mark(run, what):
+    d = Path(os.environ["DIFFABLATE_TEST_MARKS"])
+    d.mkdir(exist_ok=True)
+    (d / f"{what}-p{run.run_dir.name}-a{run.attempt}-pid{os.getpid()}").write_text(str(time.time()))
+
+
+def slow(run):
+    """Sleeps like a trial; logs a few metrics so MLflow's store is written concurrently too."""
+    _mark(run, "start")
+    for i in range(5):
+        run.tracker.log_metrics({"fake_loss": 1.0 / (i + 1)}, step=i)
+        time.sleep(float(os.environ.get("DIFFABLATE_TEST_SLEEP", "0.2")))
+    _mark(run, "done")
+    return {"final_heldout_loss": 1.0 + run.seed + 0.01 * int(run.run_dir.name)}
+
+
+def train_then_die(run):
+    """The real train+evaluate; on the first attempt the worker SIGKILLs itself after the eval at DIE_AT."""
+    from diffablate.studies.trial import train_and_evaluate
+
+    if run.attempt == 0:
+        report = run.on_eval
+
+        def on_eval(step, metrics):
+            report(step, metrics)
+            if step >= int(os.environ["DIE_AT"]):
+                _mark(run, "die")
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        run.on_eval = on_eval
+    return train_and_evaluate(run)
+'''
+
+TINY_BASE: dict[str, Any] = {
+    "device": "cpu",
+    "data": {"name": "shapes", "resolution": 16, "n_train": 16, "n_heldout": 8},
+    "model": {"block_channels": [16, 32], "attention_levels": [False, True]},
+    "text": {"embed_dim": 16},
+    "train": {"steps": 4, "batch_size": 4, "log_every": 1, "eval_every": 2, "checkpoint_every": 0,
+              "warmup_steps": 0, "lr": 1e-3},
+    "perf": {"compile": "off"},
+}
+TINY_EVAL = {"n_samples": 2, "sampling_steps": 2, "fid": False, "kid": False, "clip_score": False, "oracle": False,
+             "bootstrap": 0, "timestep_buckets": 2}
+RUNTIME = {"heartbeat_interval": 1, "grace_period": 3, "max_retry": 2}
+
+
+def _spec(tmp: Path, name: str, seeds: list[int], design: dict, base: dict | None = None,
+          runtime: dict | None = None) -> Path:
+    d = {"name": name, "seeds": seeds, "base": copy.deepcopy(base or TINY_BASE), "eval": dict(TINY_EVAL),
+         "design": design, "runtime": runtime or RUNTIME}
+    p = tmp / f"{name}.toml"
+    p.write_text(tomli_w.dumps(d))
+    return p
+
+
+def _env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp), os.environ.get("PYTHONPATH", "")]),
+           "DIFFABLATE_TEST_MARKS": str(tmp / "marks"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.update(extra)
+    return env
+
+
+def _cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    # Own session: the test can kill the whole `study run` process group like a lost terminal would.
+    return subprocess.Popen([sys.executable, "-c", "from diffablate.studies.cli import main; main()", *args],
+                            env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_marks(marks: Path, prefix: str, n: int, proc: subprocess.Popen, log: Path, timeout: float = 300) -> list[Path]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = sorted(marks.glob(f"{prefix}-*")) if marks.is_dir() else []
+        if len(found) >= n:
+            return found
+        if proc.poll() is not None:
+            pytest.fail(f"study run exited ({proc.returncode}) before {n} '{prefix}' marks:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {n} '{prefix}' marks:\n{log.read_text()[-3000:]}")
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float = 400) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"study run did not finish:\n{log.read_text()[-3000:]}")
+    out = log.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _pid(mark: Path) -> int:
+    return int(mark.name.rsplit("-pid", 1)[1])
+
+
+def _study(wd: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{wd / 'optuna.db'}")
+
+
+def _mlflow(wd: Path) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{wd / 'mlflow.db'}")
+
+
+def _trial_runs(wd: Path, name: str) -> list[Any]:
+    client = _mlflow(wd)
+    exp = client.get_experiment_by_name(name)
+    return client.search_runs([exp.experiment_id], filter_string="tags.`diffablate.role` = 'trial'", max_results=1000)
+
+
+def assert_study_whole(wd: Path, name: str, n_planned: int) -> tuple[list[Any], list[Any]]:
+    """Exactly the planned trials COMPLETE (each planned id once), every FAIL was retried, nothing RUNNING or
+    WAITING; one MLflow child run per planned trial, all FINISHED, one per Optuna trial's run id; parent closed."""
+    trials = _study(wd, name).get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.user_attrs["planned"] for t in complete) == list(range(n_planned))
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    retried = {h for t in trials for h in t.system_attrs.get("retry_history", [])}
+    assert {t.number for t in trials if t.state == TrialState.FAIL} <= retried
+    runs = _trial_runs(wd, name)
+    assert len(runs) == n_planned, [r.data.tags.get("diffablate.planned") for r in runs]
+    assert sorted(int(r.data.tags["diffablate.planned"]) for r in runs) == list(range(n_planned))
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.info.run_id for r in runs} == {t.user_attrs["mlflow_run_id"] for t in complete}
+    client = _mlflow(wd)
+    parents = client.search_runs([runs[0].info.experiment_id], filter_string="tags.`diffablate.role` = 'study'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    return trials, runs
+
+
+GRID = {"kind": "factorial", "axes": {"timestep_sampler": ["uniform", "sequential"]}}
+
+
+@pytest.fixture()
+def fake_env(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "fake_trials_rel.py").write_text(FAKE)
+    return _env(tmp_path)
+
+
+# --- killed worker ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_killed_worker_trial_is_retried_once_and_nothing_duplicates(tmp_path: Path, fake_env: dict[str, str]) -> None:
+    """SIGKILL one of two workers mid-trial: the other fails its stale trial after the grace period, the retry
+    completes it in the same MLflow run, and a second `study run` finds nothing to do."""
+    spec, wd, log = _spec(tmp_path, "killw", [0, 1], GRID), tmp_path / "wd", tmp_path / "log"
+    args = ["study", "run", str(spec), "--workdir", str(wd), "--workers", "2", "--trial-fn", "fake_trials_rel:slow"]
+    proc = _cli(args, {**fake_env, "DIFFABLATE_TEST_SLEEP": "1.0"}, log)
+    victim = _wait_marks(tmp_path / "marks", "start", 1, proc, log)[0]
+    os.kill(_pid(victim), signal.SIGKILL)
+    out = _finish(proc, log)
+    assert "exited abnormally" in out
+    trials, runs = assert_study_whole(wd, "killw", 4)
+    planned = int(victim.name.split("-p", 1)[1].split("-", 1)[0])
+    lost = [t for t in trials if t.state == TrialState.FAIL]
+    assert [t.user_attrs["planned"] for t in lost] == [planned]
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == lost[0].number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    run = next(r for r in runs if int(r.data.tags["diffablate.planned"]) == planned)
+    assert run.data.tags["diffablate.attempt"] == "1"
+    assert "worker lost" in run.data.tags[f"diffablate.lost.t{lost[0].number}"]
+    # A rerun is a no-op: same trials, same runs.
+    before = [(t.number, t.state) for t in trials]
+    _finish(_cli(args, fake_env, log), log)
+    assert [(t.number, t.state) for t in _study(wd, "killw").get_trials()] == before
+    assert len(_trial_runs(wd, "killw")) == 4
+
+
+@pytest.mark.slow
+def test_killed_study_run_group_then_rerun_finishes_exactly_the_plan(tmp_path: Path, fake_env: dict[str, str]) -> None:
+    """SIGKILL the whole `study run` process group while two trials run; they stay RUNNING (their MLflow runs
+    too) until the rerun fails them as stale, retries them, and ends with exactly the planned trials."""
+    spec, wd, log = _spec(tmp_path, "killg", [0, 1], GRID), tmp_path / "wd", tmp_path / "log"
+    args = ["study", "run", str(spec), "--workdir", str(wd), "--workers", "2", "--trial-fn", "fake_trials_rel:slow"]
+    proc = _cli(args, {**fake_env, "DIFFABLATE_TEST_SLEEP": "2.0"}, log)
+    _wait_marks(tmp_path / "marks", "start", 2, proc, log)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(1.0)  # let the killed workers' process table entries go
+    running = [t for t in _study(wd, "killg").get_trials() if t.state == TrialState.RUNNING]
+    assert len(running) >= 1
+    assert any(r.info.status == "RUNNING" for r in _trial_runs(wd, "killg"))
+    time.sleep(RUNTIME["grace_period"] + 0.5)
+    _finish(_cli(args[:6] + ["1"] + args[7:], fake_env, log), log)  # rerun with one worker
+    trials, runs = assert_study_whole(wd, "killg", 4)
+    lost = {t.number for t in trials if t.state == TrialState.FAIL}
+    assert lost == {t.number for t in running}
+    for r in runs:
+        if any(k.startswith("diffablate.lost.") for k in r.data.tags):
+            assert r.data.tags["diffablate.attempt"] == "1"
+
+
+@pytest.mark.slow
+def test_interrupted_study_run_requeues_its_trial(tmp_path: Path, fake_env: dict[str, str]) -> None:
+    """Ctrl-C (SIGINT) mid-trial: the trial is FAILed as interrupted, its MLflow run KILLED (not left RUNNING),
+    and a WAITING copy is queued, so the next `study run` completes exactly the plan."""
+    spec, wd, log = _spec(tmp_path, "sigint", [0], GRID), tmp_path / "wd", tmp_path / "log"
+    args = ["study", "run", str(spec), "--workdir", str(wd), "--workers", "1", "--trial-fn", "fake_trials_rel:slow"]
+    proc = _cli(args, {**fake_env, "DIFFABLATE_TEST_SLEEP": "2.0"}, log)
+    _wait_marks(tmp_path / "marks", "start", 1, proc, log)
+    os.kill(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    trials = _study(wd, "sigint").get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert any(t.state == TrialState.WAITING and "failed_trial" in t.system_attrs for t in trials)
+    assert {r.info.status for r in _trial_runs(wd, "sigint")} == {"KILLED"}
+    _finish(_cli(args, fake_env, log), log)
+    assert_study_whole(wd, "sigint", 2)
+
+
+# --- concurrency ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_eight_workers_on_sqlite(tmp_path: Path, fake_env: dict[str, str]) -> None:
+    """8 worker processes, 16 short trials, one SQLite file for Optuna and one for MLflow: no 'database is
+    locked', no failed, lost or duplicated trial or run, and the work really was shared."""
+    spec, wd, log = _spec(tmp_path, "conc", list(range(8)), GRID), tmp_path / "wd", tmp_path / "log"
+    args = ["study", "run", str(spec), "--workdir", str(wd), "--workers", "8", "--trial-fn", "fake_trials_rel:slow"]
+    out = _finish(_cli(args, {**fake_env, "DIFFABLATE_TEST_SLEEP": "0.1"}, log), log, timeout=550)
+    assert "database is locked" not in out and "Traceback" not in out, out[-3000:]
+    trials, _runs = assert_study_whole(wd, "conc", 16)
+    assert len(trials) == 16  # nothing failed, so nothing was retried
+    workers = {_pid(m) for m in (tmp_path / "marks").glob("done-*")}
+    assert len(workers) >= 2
+
+
+# --- divergence ------------------------------------------------------------------------------------------------
+
+
+def test_diverging_trials_fail_with_reason_and_study_continues(tmp_path: Path) -> None:
+    """One-at-a-time over a sane baseline, lr = 1e12 and train.diverge_loss = 1e-9: the two bad cells end FAIL
+    with the reason in Optuna (user attr) and MLflow (status FAILED, tags), the baseline still completes."""
+    from diffablate.studies import runner
+    from diffablate.studies.spec import load_spec
+
+    design = {"kind": "one-at-a-time", "baseline": {}, "variants": {"train": {"lr": [1e12], "diverge_loss": [1e-9]}}}
+    spec = load_spec(_spec(tmp_path, "div", [0], design))
+    wd = tmp_path / "wd"
+    runner.run_study(spec, workdir=wd, workers=1, log=lambda s: None)
+    trials = {t.user_attrs["cell"]: t for t in _study(wd, "div").get_trials()}
+    runs = {r.data.tags["diffablate.cell"]: r for r in _trial_runs(wd, "div")}
+    assert set(trials) == set(runs) and len(trials) == 3
+    for cell, t in trials.items():
+        run = runs[cell]
+        if cell == "base":
+            assert t.state == TrialState.COMPLETE and run.info.status == "FINISHED"
+            continue
+        assert t.state == TrialState.FAIL, cell
+        reason = t.user_attrs["fail_reason"]
+        assert reason.startswith("diverged") and ("diverge_loss" in reason or "nan" in reason or "inf" in reason)
+        assert run.info.status == "FAILED"
+        assert run.data.tags["diffablate.status"] == "FAIL"
+        assert run.data.tags["diffablate.fail_reason"] == reason
+    counts = runner.trial_counts(runner.load_handle(wd))
+    assert counts["complete"] == 1 and counts["fail"] == 2 and counts["running"] == counts["waiting"] == 0
+
+
+# --- checkpoint resume through the study path ----------------------------------------------------------------
+
+
+class _Recorder:
+    """Tracker protocol, in memory."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, dict[int, float]] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for k, v in metrics.items():
+            self.metrics.setdefault(k, {})[step] = v
+
+    def log_params(self, *a: Any) -> None: ...
+    def log_artifact(self, *a: Any, **k: Any) -> None: ...
+    def log_dict(self, *a: Any) -> None: ...
+    def log_table(self, *a: Any) -> None: ...
+    def set_tags(self, *a: Any) -> None: ...
+
+
+@pytest.mark.slow
+def test_killed_trial_resumes_from_checkpoint_on_the_same_loss_curve(tmp_path: Path, fake_env: dict[str, str]) -> None:
+    """A trial's worker is SIGKILLed after step 6 (last checkpoint: step 4); the rerun retries the trial, which
+    resumes from step 4 in the same run dir and MLflow run. Every train/held-out loss it logged - before the
+    kill and after the resume - equals an uninterrupted run of the same config, exactly (CPU)."""
+    from diffablate.models.trainer import train
+    from diffablate.studies.spec import load_spec
+
+    base = copy.deepcopy(TINY_BASE)
+    base["train"].update(steps=8, eval_every=3, checkpoint_every=4)
+    spec_path = _spec(tmp_path, "resume", [0], {"kind": "factorial", "axes": {"timestep_sampler": ["uniform"]}}, base)
+    wd, log = tmp_path / "wd", tmp_path / "log"
+    args = ["study", "run", str(spec_path), "--workdir", str(wd), "--workers", "1", "--trial-fn",
+            "fake_trials_rel:train_then_die"]
+    proc = _cli(args, {**fake_env, "DIE_AT": "6"}, log)
+    proc.wait(timeout=400)
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    time.sleep(RUNTIME["grace_period"] + 0.5)
+    _finish(_cli(args, fake_env, log), log)
+    _trials, runs = assert_study_whole(wd, "resume", 1)
+    run = runs[0]
+    assert run.data.tags["diffablate.resumed_from_step"] == "4" and run.data.tags["diffablate.attempt"] == "1"
+
+    spec = load_spec(spec_path)
+    ref = _Recorder()
+    train(spec.cell_config(spec.cells[0], 0), tmp_path / "ref", tracker=ref, progress=False)
+    client = _mlflow(wd)
+    for key, steps in (("train_loss", range(1, 9)), ("heldout_loss", (3, 6, 8))):
+        hist = client.get_metric_history(run.info.run_id, key)
+        logged: dict[int, set[float]] = {}
+        for m in hist:
+            logged.setdefault(m.step, set()).add(m.value)
+        assert sorted(logged) == list(steps), key
+        for step, values in logged.items():
+            assert values == {ref.metrics[key][step]}, (key, step, values, ref.metrics[key][step])
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) > 8  # steps 5-6 ran twice: proof of the kill
+
+
+# --- disk full / interrupted checkpoint writes -----------------------------------------------------------------
+
+
+def _tiny_payload(step: int) -> Any:
+    import torch
+
+    from diffablate.models import checkpoint as ckpt
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    return ckpt.CheckpointPayload(step=step, denoiser=net, text_encoder=torch.nn.Linear(2, 2), ema=net, optimizer=opt,
+                                  state={"rows": []}, config_json="{}", captions=["a"], meta={})
+
+
+@pytest.mark.parametrize("victim", ["ema.safetensors", "optimizer.pt", "state.pt", "captions.json", "MANIFEST.json"])
+def test_disk_full_mid_checkpoint_never_leaves_a_valid_looking_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, victim: str) -> None:
+    """ENOSPC after half of one file is written: the step-2 checkpoint does not exist (no step dir, no temp
+    leftovers), and the previous checkpoint is still the latest valid one."""
+    import torch
+
+    from diffablate.models import checkpoint as ckpt
+
+    ckpt.save_checkpoint(tmp_path, _tiny_payload(1))
+    real_save_file, real_torch_save, real_write_text = ckpt.save_file, torch.save, Path.write_text
+
+    def half_then_enospc(path: Any) -> None:
+        Path(path).write_bytes(b"\0" * 17)  # a partial file, as a full disk leaves it
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ckpt, "save_file", lambda t, p, **k: half_then_enospc(p) if Path(p).name == victim
+                        else real_save_file(t, p, **k))
+    monkeypatch.setattr(ckpt.torch, "save", lambda obj, f, *a, **k: half_then_enospc(f)
+                        if Path(str(f)).name == victim else real_torch_save(obj, f, *a, **k))
+    monkeypatch.setattr(Path, "write_text", lambda self, data, *a, **k: half_then_enospc(self)
+                        if self.name == victim else real_write_text(self, data, *a, **k))
+    with pytest.raises(OSError) as e:
+        ckpt.save_checkpoint(tmp_path, _tiny_payload(2))
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
+    assert ckpt.latest_checkpoint(tmp_path) == ckpt.checkpoint_dir(tmp_path, 1)
+    assert not list((tmp_path / ckpt.CHECKPOINT_DIR).glob(".tmp-*"))
+    ckpt.verify_checkpoint(ckpt.checkpoint_dir(tmp_path, 1))
+
+
+KILL_WRITER = '''
+import sys, time
+from pathlib import Path
+import torch
+from diffablate.models import checkpoint as ckpt
+
+
+def payload(step):
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    return ckpt.CheckpointPayload(step=step, denoiser=net, text_encoder=torch.nn.Linear(2, 2), ema=net, optimizer=opt,
+                                  state={"rows": []}, config_json="{}", captions=["a"], meta={})
+
+
+run = Path(sys.argv[1])
+ckpt.save_checkpoint(run, payload(1))
+real = ckpt.save_file
+
+
+def slow(t, p, **k):
+    real(t, p, **k)
+    if Path(p).name == "ema.safetensors":
+        (run / "writing").write_text("")
+        time.sleep(120)  # killed here, mid-checkpoint
+
+
+ckpt.save_file = slow
+ckpt.save_checkpoint(run, payload(2))
+'''
+
+
+@pytest.mark.slow
+def test_sigkill_mid_checkpoint_write(tmp_path: Path) -> None:
+    """A process SIGKILLed while writing checkpoint 2 leaves checkpoint 1 as the latest valid one; the next save
+    cleans the leftover temp dir."""
+    from diffablate.models import checkpoint as ckpt
+
+    (tmp_path / "writer.py").write_text(KILL_WRITER)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "writer.py"), str(run)], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 180
+    while not (run / "writing").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "writer exited or timed out"
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [1]
+    assert ckpt.latest_checkpoint(run) == ckpt.checkpoint_dir(run, 1)
+    assert list((run / ckpt.CHECKPOINT_DIR).glob(".tmp-*"))  # the half-written one, invisible to loaders
+    ckpt.save_checkpoint(run, _tiny_payload(3))
+    assert not list((run / ckpt.CHECKPOINT_DIR).glob(".tmp-*"))
+    assert ckpt.latest_checkpoint(run) == ckpt.checkpoint_dir(run, 3)
