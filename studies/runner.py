@@ -3,10 +3,10 @@
 How the pieces fit:
 
 - **One work directory per study** (`studies-out/<name>/` or `--workdir`): `optuna.db` (Optuna), `mlflow.db` +
-  `mlartifacts/` (MLflow), `runs/<study>/<planned>/` (checkpoints), `study.json` (which storage and study).
-  Nothing inside stores a path that breaks after `cp -r`: database URLs are rebuilt from the directory at
-  every start, and MLflow's stored artifact locations are re-pointed when the directory has moved
-  (`open_tracking`).
+  `mlartifacts/` (MLflow), `runs/<study>/<planned>/` (checkpoints), `study.json` (which storage and study),
+  `specs/<study>.toml`. Nothing inside stores a path that breaks after `cp -r`: database URLs are rebuilt
+  from the directory at every start, and MLflow's stored artifact locations are re-pointed when the
+  directory has moved (studies/tracking.py `open_tracking`).
 - **Planned trials.** Every trial the design needs is created up front as a WAITING Optuna trial, and
   workers only ever *claim* WAITING trials (an atomic RUNNING transition in the storage). So a study
   ends with exactly its planned trials - no worker can race `ask()` into an extra one. Grid designs use
@@ -85,10 +85,6 @@ def storage_url(workdir: Path, storage: str | None) -> str:
         path = Path(storage[len("journal:"):])
         return "journal:" + str(path if path.is_absolute() else (workdir / path).resolve())
     return storage
-
-
-def tracking_uri(workdir: Path) -> str:
-    return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
 
 
 def _sqlite_wal(url: str) -> None:
@@ -284,68 +280,51 @@ def load_handle(workdir: Path, name: str | None = None) -> StudyHandle:
 
 
 def open_tracking(workdir: Path) -> Any:
-    """MlflowClient on the work dir's store, with stored artifact paths re-pointed if the dir moved."""
+    """MlflowClient on the work dir's store (studies/tracking.py re-points artifact paths if the dir moved)."""
     from mlflow.tracking import MlflowClient
 
-    _relocate_mlflow(workdir)
-    _sqlite_wal(tracking_uri(workdir))
-    return MlflowClient(tracking_uri=tracking_uri(workdir))
+    from diffablate.studies import tracking
+
+    uri = tracking.open_tracking(None, workdir, check=False)
+    _sqlite_wal(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def tracking_uri(workdir: Path) -> str:
+    from diffablate.studies import tracking
+
+    return tracking.default_tracking_uri(workdir)
 
 
 def artifact_root(workdir: Path) -> str:
-    return str((workdir / "mlartifacts").resolve())
+    from diffablate.studies import tracking
 
-
-def _relocate_mlflow(workdir: Path) -> None:
-    """After `cp -r` the MLflow DB still names the old artifact root: rewrite it to this directory's.
-
-    MLflow stores absolute artifact URIs per experiment and run and has no API to change them, so this
-    edits the three columns directly; a no-op when the directory has not moved.
-    """
-    db = workdir / "mlflow.db"
-    if not db.exists():
-        return
-    new = artifact_root(workdir)
-    con = sqlite3.connect(db, timeout=60)
-    try:
-        rows = con.execute("SELECT artifact_location FROM experiments WHERE artifact_location LIKE '%mlartifacts%'").fetchall()
-        olds = {r[0][: r[0].rindex("mlartifacts") + len("mlartifacts")] for r in rows}
-        for old in olds - {new}:
-            with con:
-                con.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
-                con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
-                tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-                if "logged_models" in tables:
-                    con.execute("UPDATE logged_models SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
-    finally:
-        con.close()
+    return str(tracking.artifact_root(tracking_uri(workdir), workdir))
 
 
 def ensure_parent_run(spec: StudySpec, workdir: Path, *, create: bool = True) -> tuple[str, str]:
     """(experiment id, parent run id): found again by tag on resume, created only the first time."""
+    from diffablate.studies import tracking
+
     client = open_tracking(workdir)
-    exp = client.get_experiment_by_name(spec.name)
-    if exp is None:
-        if not create:
-            raise StudyError(f"{workdir}: no MLflow experiment {spec.name!r}")
-        exp_id = client.create_experiment(spec.name, artifact_location=str(Path(artifact_root(workdir)) / spec.name),
-                                          tags={"diffablate.study": spec.name})
-    else:
-        exp_id = exp.experiment_id
+    uri = tracking_uri(workdir)
+    if not create and client.get_experiment_by_name(spec.name) is None:
+        raise StudyError(f"{workdir}: no MLflow experiment {spec.name!r}")
+    exp_id = tracking.get_or_create_experiment(uri, spec.name, workdir=workdir, tags={"diffablate.study": spec.name})
     runs = client.search_runs([exp_id], filter_string="tags.`diffablate.role` = 'study'", max_results=5)
     if runs:
         return exp_id, runs[0].info.run_id
     if not create:
         raise StudyError(f"{workdir}: study {spec.name!r} has no parent run")
-    run = client.create_run(exp_id, run_name=spec.name, tags={
+    run_id = tracking.start_run(uri, spec.name, spec.name, tags={
         "diffablate.role": "study", "diffablate.study": spec.name, "diffablate.spec_hash": spec.spec_hash,
         "diffablate.kind": spec.kind, "diffablate.n_planned": str(spec.n_planned),
         "mlflow.note.content": spec.description,
-    })
-    client.log_text(run.info.run_id, spec.source or json.dumps(spec.raw, indent=2), "study_spec.toml")
-    client.log_dict(run.info.run_id, spec.claims_json(), "claims.json")
-    client.log_param(run.info.run_id, "n_planned", spec.n_planned)
-    return exp_id, run.info.run_id
+    }, workdir=workdir)
+    client.log_text(run_id, spec.source or json.dumps(spec.raw, indent=2), "study_spec.toml")
+    client.log_dict(run_id, spec.claims_json(), "claims.json")
+    client.log_param(run_id, "n_planned", spec.n_planned)
+    return exp_id, run_id
 
 
 def finish_parent_if_done(handle: StudyHandle) -> bool:

@@ -27,6 +27,7 @@ import optuna
 from optuna.trial import TrialState
 
 from diffablate.models.config import RunConfig
+from diffablate.studies import tracking
 from diffablate.studies.spec import Cell, StudySpec
 
 
@@ -171,38 +172,9 @@ def suggest(spec: StudySpec, trial: optuna.Trial) -> tuple[Cell, int, dict[str, 
 
 
 def _tracker(run_id: str, uri: str) -> Any:
-    try:
-        from diffablate.studies.tracking import MlflowTracker
-    except ImportError:  # TEMPORARY until studies/tracking.py lands
-        return _MinimalTracker(run_id, uri)
+    from diffablate.studies.tracking import MlflowTracker
+
     return MlflowTracker(run_id, uri)
-
-
-class _MinimalTracker:
-    def __init__(self, run_id: str, uri: str) -> None:
-        from mlflow.tracking import MlflowClient
-
-        self.run_id, self.client = run_id, MlflowClient(uri)
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        for k, v in metrics.items():
-            self.client.log_metric(self.run_id, k, float(v), step=step or 0)
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        pass
-
-    def log_artifact(self, path: Any, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
-
-    def log_dict(self, obj: Any, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, obj, artifact_file)
-
-    def log_table(self, data: Any, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, data, artifact_file)
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, v)
 
 
 def run_trial(ctx: TrialContext, study: optuna.Study, trial: optuna.Trial) -> TrialState:
@@ -217,27 +189,21 @@ def run_trial(ctx: TrialContext, study: optuna.Study, trial: optuna.Trial) -> Tr
         cfg = spec.cell_config(cell, seed, params)
         tags = {"diffablate.role": "trial", "diffablate.study": spec.name, "diffablate.trial_number": str(trial.number),
                 "diffablate.cell": cell.label, "diffablate.seed": str(seed), "diffablate.planned": str(planned),
-                "diffablate.status": "RUNNING", "diffablate.fail_reason": "", "mlflow.parentRunId": ctx.parent_run_id}
+                "diffablate.status": "RUNNING", "diffablate.fail_reason": ""}
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:  # a retry after a lost worker: continue the same child run (and checkpoints)
-            client.update_run(run_id, status="RUNNING")
-            tags["diffablate.attempt"] = str(attempt)
-            for k, v in tags.items():
-                client.set_tag(run_id, k, v)
+            tracking.reopen_run(ctx.tracking_uri, run_id)
+            tracker = _tracker(run_id, ctx.tracking_uri)
+            tracker.set_tags({**tags, "diffablate.attempt": str(attempt)})
         else:
-            run = client.create_run(ctx.experiment_id, run_name=f"t{trial.number:03d} {cell.label} s{seed}", tags=tags)
-            run_id = run.info.run_id
+            run_id = tracking.start_run(ctx.tracking_uri, spec.name, f"t{trial.number:03d} {cell.label} s{seed}",
+                                        ctx.parent_run_id, tags, workdir=ctx.workdir)
             trial.set_user_attr("mlflow_run_id", run_id)
             trial.set_user_attr("cell", cell.label)
             trial.set_user_attr("seed", seed)
-            from mlflow.entities import Param
-
-            flat = cfg.flat()
-            items = [Param(k, str(v)) for k, v in flat.items()]
-            for i in range(0, len(items), 100):  # MLflow's batch limit
-                client.log_batch(run_id, params=items[i:i + 100])
-            client.log_dict(run_id, cfg.to_dict(), "config.json")
-        tracker = _tracker(run_id, ctx.tracking_uri)
+            tracker = _tracker(run_id, ctx.tracking_uri)
+        tracker.log_params(cfg.flat())
+        tracker.log_dict(cfg.to_dict(), "config.json")
 
         def on_eval(step: int, metrics: Mapping[str, float]) -> None:
             value = metrics.get(spec.prune_metric) if spec.kind == "search" else metrics.get("heldout_loss")
@@ -299,6 +265,7 @@ def _interrupted(study: optuna.Study, trial: optuna.Trial, client: Any, run_id: 
 def _end(client: Any, run_id: str | None, mlflow_status: str, status: str, reason: str) -> None:
     if run_id is None:
         return
-    client.set_tag(run_id, "diffablate.status", status)
-    client.set_tag(run_id, "diffablate.fail_reason", reason[:4000])
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag("diffablate.status", status), RunTag("diffablate.fail_reason", reason[:4000])])
     client.set_terminated(run_id, mlflow_status, end_time=int(time.time() * 1000))
