@@ -283,6 +283,9 @@ def _interaction_section(study: StudyData, metrics: list[str], fig_dir: Path) ->
 
 
 def _search_section(study: StudyData, storage: str | None, fig_dir: Path) -> list[Block]:
+    kind = study.parent_tags.get("diffablate.kind")
+    if kind and kind != "search":
+        return []  # a grid's "importance" would rank the cell index and the seed: noise, not insight
     if storage is None:
         return [Heading(2, "Search"), Para("No Optuna storage was given or found in the work dir "
                                            f"({', '.join(OPTUNA_FILES)}); search plots skipped.")]

@@ -51,8 +51,11 @@ def save(fig: Figure, out_dir: Path, stem: str) -> str:
 
 
 def cell_label(cell: str, sep: str = ", ") -> str:
-    """``"a=1,b=2"`` shown as ``"a=1, b=2"`` (or one axis per line with sep="\\n")."""
-    return sep.join(p for p in cell.split(",") if p) or "(single cell)"
+    """``"axes.a=1,b=2"`` shown as ``"a=1, b=2"`` (or one axis per line with sep="\\n").
+
+    The ``axes.`` prefix of the contract's cell tag is dropped for display only; tables/CSV keep the tag."""
+    parts = [p[len("axes."):] if p.startswith("axes.") else p for p in cell.split(",") if p]
+    return sep.join(parts) or "(single cell)"
 
 
 def _legend_below(ax: Any, title: str | None, n: int) -> None:
