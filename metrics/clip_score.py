@@ -110,7 +110,8 @@ def clip_score(images_u8: torch.Tensor, captions: Sequence[str], judge_dir: str 
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     if len(images_u8) != len(captions) or len(captions) == 0:
-        raise ValueError(f"clip_score needs one caption per image, got {len(images_u8)} images, {len(captions)} captions")
+        raise ValueError(f"clip_score needs one caption per image, got {len(images_u8)} images and "
+                         f"{len(captions)} captions")
     images = rgb(images_u8)
     metric = CLIPScore(model_name_or_path=judge_loader(judge_dir)).to(device)
     for i in range(0, len(images), batch_size):

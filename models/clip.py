@@ -70,7 +70,7 @@ class ClipConfig:
     mlp_ratio: int = 4  # ViT's MLP width multiple
     projection_dim: int = 64  # joint embedding width (the encoder's pooled_dim)
     max_position: int = 32  # text context in tokens incl. BOS/EOS; longer captions are truncated with a warning
-    steps: int = 3000  # measured to give near-perfect shapes retrieval on a GPU, ~6 min on one CPU core
+    steps: int = 3000  # ~1 min on one H200 (numbers at PRESETS); CPU training uses the smaller "cpu" preset
     batch_size: int = 256  # contrastive learning wants many negatives per step
     lr: float = 1e-3  # tiny transformers from scratch tolerate (and need) a high LR with warm-up
     weight_decay: float = 0.05
@@ -112,9 +112,11 @@ class ClipConfig:
 
 
 # Default sizes by the device that trains it (`ensure_clip(clip_cfg=None)`); the cache key holds the full
-# config, so the two never mix. Measured on shapes, 32 px data, 2,048 training pairs, 1,024 held-out pairs:
-# "gpu": 67 s on one H200, text->image top-1 0.88 (chance 0.009); "cpu": 16 px tower, ~3 min on one free
-# CPU core; see `diffablate clip eval` for the numbers of any trained CLIP.
+# config, so the two never mix. Measured 2026-11-29 on shapes at 32 px, 2,048 training pairs per role,
+# text->image top-1 on held-out pairs (a hit = same caption text):
+#   "gpu": 67 s on one H200; 0.84 of 1,024 held-out (chance 0.009).
+#   "cpu": 16 px tower; 149 s of CPU time on one core here (11 min wall on the shared 2-core box);
+#          0.90 of 256 held-out (chance 0.010), 0.76 of 1,024.
 PRESETS: dict[str, ClipConfig] = {
     "gpu": ClipConfig(),
     "cpu": ClipConfig(image_size=16, vision_width=64, vision_layers=2, text_width=64, text_layers=2,
@@ -234,7 +236,8 @@ def build_model(clip_cfg: ClipConfig, tokenizer: Any, image_size: int) -> Any:
 
     c = clip_cfg
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=c.text_width, intermediate_size=c.mlp_ratio * c.text_width,
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=c.text_width,
+                         intermediate_size=c.mlp_ratio * c.text_width,
                          num_hidden_layers=c.text_layers, num_attention_heads=c.heads,
                          max_position_embeddings=c.max_position, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 
 from diffablate.models.config import ConfigError, DataConfig, RunConfig
 from diffablate.models.data import DataError
+from diffablate.studies.tracking import TrackingError
 
 clip_app = typer.Typer(help="Train and evaluate the in-project CLIP (no CLIP weights exist offline).",
                        no_args_is_help=True)
@@ -58,7 +59,7 @@ def train(
         clip_cfg = base.with_overrides([s for s in sets if s.startswith("clip.")] +
                                        ([f"clip.steps={steps}"] if steps else []))
         tracker, finish = _tracker(tracking_uri, dataset, role)
-    except (ConfigError, DataError, clip.ClipError) as e:
+    except (ConfigError, DataError, clip.ClipError, TrackingError) as e:
         raise _fail(e) from None
     status = "FAILED"
     try:
@@ -77,12 +78,14 @@ def train(
     typer.echo(json.dumps(meta.get("heldout_retrieval", {}), indent=1))
 
 
-def _tracker(tracking_uri: str | None, dataset: str, role: str):  # -> (tracker | None, finish(status))
+def _tracker(tracking_uri: str | None, dataset: str, role: str) -> tuple[Any, Callable[[str], None]]:
+    """(MlflowTracker or None, finish(status)) for an optional `--tracking-uri` (experiment "clip")."""
     if not tracking_uri:
         return None, lambda status: None
     from diffablate.studies import tracking
 
     uri = tracking.validate_uri(tracking_uri)
+    tracking.check_reachable(uri)  # fail before training, not after
     run_id = tracking.start_run(uri, "clip", f"clip-{dataset}-{role}", tags={"diffablate.role": "clip",
                                                                             "diffablate.clip_role": role})
     return tracking.MlflowTracker(run_id, uri), lambda status: tracking.end_run(uri, run_id, status)

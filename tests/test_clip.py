@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import warnings
 from pathlib import Path
@@ -214,3 +213,41 @@ def test_clip_text_encoder_shapes_mask_null_caption_and_frozen(encoder_dir: Path
     # pooled is the CLIP text embedding (the projected EOS state) of the saved model.
     model = clip.Clip(encoder_dir)
     assert torch.allclose(torch.nn.functional.normalize(emb.pooled, dim=-1), model.text_embeds(caps), atol=1e-5)
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+
+
+def test_cli_errors_exit_2_before_any_compute(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from diffablate.studies.cli import app
+
+    runner = CliRunner()
+    for args, msg in ((["clip", "train", "--role", "critic"], "--role: must be one of"),
+                      (["clip", "train", "--set", "clip.width=3"], "clip.width: unknown config key"),
+                      (["clip", "train", "--set", "train.lr=1"], "only data.* and clip.* keys"),
+                      (["clip", "train", "--dataset", "cifar"], "data.name: must be one of"),
+                      (["clip", "train", "--tracking-uri", "mlflow.db"], "not a URI"),
+                      (["clip", "eval", str(tmp_path)], "not a Hugging Face CLIP directory")):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and "error: " in r.output and msg in r.output, (args, r.output)
+
+
+def test_cli_train_then_eval(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from diffablate.studies.cli import app
+
+    sets = ["--set", "data.resolution=8", "--set", "data.n_train=64", "--set", "data.n_heldout=16"]
+    tiny = [x for k, v in (("vision_width", 16), ("text_width", 16), ("heads", 2), ("vision_layers", 1),
+                           ("text_layers", 1), ("batch_size", 16)) for x in ("--set", f"clip.{k}={v}")]
+    r = CliRunner().invoke(app, ["clip", "train", "--role", "judge", "--out", str(tmp_path / "j"), "--steps", "3",
+                                 "--preset", "cpu", *sets, *tiny])
+    assert r.exit_code == 0, r.output
+    meta = clip.Clip(tmp_path / "j").meta
+    assert meta["role"] == "judge" and meta["clip"]["steps"] == 3 and meta["n_train"] == 32
+    assert "t2i_top1" in meta["heldout_retrieval"]
+    r = CliRunner().invoke(app, ["clip", "eval", str(tmp_path / "j"), "--bootstrap", "10", *sets])
+    assert r.exit_code == 0, r.output
+    assert "text->image: top-1" in r.output and "shuffled captions" in r.output
