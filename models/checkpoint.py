@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -254,14 +255,24 @@ def load_weights(path: str | Path, name: str, module: nn.Module, device: torch.d
     load_module(module, Path(path) / f"{name}.safetensors", device)
 
 
+def _load_pt(path: Path) -> Any:
+    """torch.load with weights_only=True: a file that would need arbitrary unpickling (code execution) is
+    refused as a CheckpointError naming it, like any other unreadable checkpoint file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused or unreadable (loaded with weights_only=True: {first})") from None
+
+
 def load_state(path: str | Path) -> dict[str, Any]:
     """state.pt (weights_only: plain data and tensors, nothing executable)."""
-    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+    return _load_pt(Path(path) / "state.pt")
 
 
 def load_optimizer(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
     """Restore AdamW state; tensors are moved to the parameters' device by `load_state_dict`."""
-    sd = torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=True)
+    sd = _load_pt(Path(path) / "optimizer.pt")
     optimizer.load_state_dict(sd)
 
 
