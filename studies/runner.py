@@ -233,6 +233,9 @@ def prepare_study(spec: StudySpec, workdir: Path | None = None, storage: str | N
 
 
 def rename_spec(spec: StudySpec, name: str) -> StudySpec:
+    from diffablate.studies.preflight import check_name
+
+    check_name(name)  # the name becomes directories: refuse '../..' here too, not only in the CLI
     raw = {**spec.raw, "name": name}
     src = spec.source
     # Keep the logged spec text honest about the name it ran under.
