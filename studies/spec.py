@@ -258,6 +258,9 @@ def _spec_from_dict(raw: Mapping[str, Any]) -> StudySpec:
                     continue  # the baseline itself is already cell 0
                 settings.append({**baseline, key: v})
         cells = _cells(base, settings, "design.variants")
+        # The factors a claim may name: each varied key with its baseline value first.
+        factors = {k: ([baseline[k]] if k in baseline else []) + [v for v in vals if k not in baseline or v != baseline[k]]
+                   for k, vals in factors.items()}
     else:
         factors = _factors(design.get("axes", {}), "design.axes", base, required=False)
         cells = _cells(base, [dict(zip(factors, combo)) for combo in itertools.product(*factors.values())], "design.axes")
