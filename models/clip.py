@@ -60,18 +60,20 @@ class ClipError(ValueError):
 class ClipConfig:
     """Size and training of the in-project CLIP. Part of the cache key: change a field, get a new CLIP."""
 
-    image_size: int = 0  # vision tower input side; 0 = the data resolution (the processor resizes to it)
-    patch_size: int = 4  # 32 px -> 8x8 patches: enough tokens to see position and shape
-    vision_width: int = 128  # tiny, but wide enough to keep colour, shape, size and position apart
-    vision_layers: int = 3
-    text_width: int = 128
+    # The default is sized so that any machine can train it (~2.5 CPU-minutes, 20 s on a GPU) and, being
+    # device-independent, a run trained on the GPU reloads elsewhere with the same architecture.
+    image_size: int = 16  # vision tower input side (the processor resizes); 0 = the data resolution
+    patch_size: int = 4  # 16 px -> 4x4 patches: enough to see colour, shape, size and position
+    vision_width: int = 64
+    vision_layers: int = 2
+    text_width: int = 64
     text_layers: int = 2  # captions are short templates: two layers bind colour to shape
     heads: int = 4
     mlp_ratio: int = 4  # ViT's MLP width multiple
     projection_dim: int = 64  # joint embedding width (the encoder's pooled_dim)
     max_position: int = 32  # text context in tokens incl. BOS/EOS; longer captions are truncated with a warning
-    steps: int = 3000  # ~1 min on one H200 (numbers at PRESETS); CPU training uses the smaller "cpu" preset
-    batch_size: int = 256  # contrastive learning wants many negatives per step
+    steps: int = 1000  # measured numbers at PRESETS
+    batch_size: int = 128  # contrastive learning wants many negatives per step
     lr: float = 1e-3  # tiny transformers from scratch tolerate (and need) a high LR with warm-up
     weight_decay: float = 0.05
     warmup_steps: int = 100  # linear warm-up (at most a fifth of the steps), then cosine decay to 0
@@ -111,22 +113,16 @@ class ClipConfig:
         return _build(ClipConfig, d, prefix="clip.", where="")
 
 
-# Default sizes by the device that trains it (`ensure_clip(clip_cfg=None)`); the cache key holds the full
-# config, so the two never mix. Measured 2026-11-29 on shapes at 32 px, 2,048 training pairs per role,
-# text->image top-1 on held-out pairs (a hit = same caption text):
-#   "gpu": 67 s on one H200; 0.84 of 1,024 held-out (chance 0.009).
-#   "cpu": 16 px tower; 149 s of CPU time on one core here (11 min wall on the shared 2-core box);
-#          0.90 of 256 held-out (chance 0.010), 0.76 of 1,024.
+# Named sizes for `diffablate clip train --preset`. Measured 2026-11-29 on shapes at 32 px, 2,048 training
+# pairs per role, text->image top-1 on held-out pairs (a hit = same caption text):
+#   "small" (the default): 20 s on one H200, 149 s of CPU time on one core here (11 min wall on the shared
+#           2-core box); 0.76 of 1,024 held-out (chance 0.009), 0.90 of 256 (chance 0.010).
+#   "base": 32 px tower, wider and deeper: 67 s on one H200; 0.84 of 1,024 held-out. GPU only in practice
+#           (~2.6 CPU-s per step).
 PRESETS: dict[str, ClipConfig] = {
-    "gpu": ClipConfig(),
-    "cpu": ClipConfig(image_size=16, vision_width=64, vision_layers=2, text_width=64, text_layers=2,
-                      batch_size=128, steps=1000),
+    "small": ClipConfig(),
+    "base": ClipConfig(image_size=0, vision_width=128, vision_layers=3, text_width=128, batch_size=256, steps=3000),
 }
-
-
-def default_clip_config(device: str = "auto") -> ClipConfig:
-    """The preset for the device that will train: "gpu" on CUDA, else "cpu"."""
-    return PRESETS["gpu" if _resolve_device(device).type == "cuda" else "cpu"]
 
 
 @dataclass(frozen=True)
@@ -438,12 +434,12 @@ def ensure_clip(data_cfg: DataConfig, role: str, clip_cfg: ClipConfig | None = N
                 tracker: Tracker | None = None, device: str = "auto") -> Path:
     """Path of the cached CLIP for (data, clip config, role); trains and caches it first if missing.
 
-    `clip_cfg=None` takes the device's preset (`PRESETS`: "gpu" on CUDA, else "cpu").
+    `clip_cfg=None` is `ClipConfig()` on every device, so a run reloads anywhere with the same CLIP shape.
     Concurrent callers (parallel study workers) serialise on a lock file, so only one trains; the directory
     appears atomically (tmp dir + rename), so a reader never sees a half-written CLIP. The held-out
     retrieval numbers are stored in its diffablate_clip.json (and sent to the tracker).
     """
-    clip_cfg = clip_cfg or default_clip_config(device)
+    clip_cfg = clip_cfg or ClipConfig()
     _role(role)
     root = cache_root() / "clip"
     final = root / cache_key(data_cfg, role, clip_cfg)

@@ -41,7 +41,7 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", help="HF directory to write; default: the shared cache."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="data.KEY=V or clip.KEY=V overrides."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (= --set clip.steps=N)."),
-    preset: str = typer.Option("auto", "--preset", help="Base sizes: auto (by device), gpu or cpu."),
+    preset: str = typer.Option("small", "--preset", help="Base sizes: small (default, CPU-friendly) or base (GPU)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store to log the run to."),
 ) -> None:
@@ -53,9 +53,9 @@ def train(
         data_cfg = _data_config(dataset, sets)
         if role not in clip.ROLES:
             raise ConfigError(f"--role: must be one of {list(clip.ROLES)}, got {role!r}")
-        if preset not in ("auto", *clip.PRESETS):
-            raise ConfigError(f"--preset: must be one of {['auto', *clip.PRESETS]}, got {preset!r}")
-        base = clip.default_clip_config(device) if preset == "auto" else clip.PRESETS[preset]
+        if preset not in clip.PRESETS:
+            raise ConfigError(f"--preset: must be one of {list(clip.PRESETS)}, got {preset!r}")
+        base = clip.PRESETS[preset]
         clip_cfg = base.with_overrides([s for s in sets if s.startswith("clip.")] +
                                        ([f"clip.steps={steps}"] if steps else []))
         tracker, finish = _tracker(tracking_uri, dataset, role)

@@ -137,6 +137,15 @@ def test_loading_a_non_clip_directory_names_the_path(tmp_path: Path):
 # --- training, retrieval, cache ---------------------------------------------------------------------
 
 
+def test_training_is_seeded(tmp_path: Path):
+    train = build_dataset(DataConfig(resolution=8, n_train=64, n_heldout=4), "train")
+    cfg = dataclasses.replace(TINY, steps=3, batch_size=16)
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        clip.train_clip(train, cfg, tmp_path / name, seed=seed, progress=False, device="cpu")
+    emb = {n: clip.Clip(tmp_path / n).image_embeds(train.images[:8]) for n in "abc"}
+    assert torch.equal(emb["a"], emb["b"]) and not torch.allclose(emb["a"], emb["c"])
+
+
 def test_small_training_run_retrieves_held_out_pairs_far_above_chance(encoder_dir: Path):
     held = build_dataset(DATA, "heldout")
     model = clip.Clip(encoder_dir)
@@ -243,7 +252,7 @@ def test_cli_train_then_eval(tmp_path: Path):
     tiny = [x for k, v in (("vision_width", 16), ("text_width", 16), ("heads", 2), ("vision_layers", 1),
                            ("text_layers", 1), ("batch_size", 16)) for x in ("--set", f"clip.{k}={v}")]
     r = CliRunner().invoke(app, ["clip", "train", "--role", "judge", "--out", str(tmp_path / "j"), "--steps", "3",
-                                 "--preset", "cpu", *sets, *tiny])
+                                 "--preset", "small", *sets, *tiny])
     assert r.exit_code == 0, r.output
     meta = clip.Clip(tmp_path / "j").meta
     assert meta["role"] == "judge" and meta["clip"]["steps"] == 3 and meta["n_train"] == 32
