@@ -65,6 +65,15 @@ def _legend_below(ax: Any, title: str | None, n: int) -> None:
                     frameon=False)
 
 
+def _log_y(ax: Any) -> None:
+    """Log y axis with plain tick labels (0.06, not 6×10⁻²)."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    # Label only the 2x and 5x minor ticks: all eight per decade overlap.
+    ax.yaxis.set_minor_formatter(mpl.ticker.FuncFormatter(
+        lambda v, _: f"{v:g}" if v > 0 and f"{v:.0e}"[0] in "25" else ""))
+
+
 # --- claims ---------------------------------------------------------------------------------------------
 
 
@@ -147,10 +156,13 @@ def claim_arms(trials: pd.DataFrame, arms: list[tuple[str, str, pd.Series, pd.Se
 
 
 def timestep_profile(timestep: pd.DataFrame, hue: pd.Series, hue_name: str, facet: pd.Series | None,
-                     out_dir: Path) -> str | None:
+                     out_dir: Path, reference: str = "uniform") -> str | None:
     """Held-out loss per timestep bucket at each run's last eval: x = t_mid, hue = sampler, t-CI across seeds.
 
-    ``hue`` and ``facet`` map run_id -> label (facet: the other design axes, one panel each).
+    ``hue`` and ``facet`` map run_id -> label (facet: the other design axes, one panel each). When the
+    ``reference`` sampler is present beside others, a panel under each shows every sampler's mean loss divided
+    by the reference's per bucket: on a log-loss plot the curves converge, while the ratio shows directly
+    which timesteps a sampler neglects (ratio > 1).
     """
     if timestep.empty:
         return None
@@ -159,27 +171,44 @@ def timestep_profile(timestep: pd.DataFrame, hue: pd.Series, hue_name: str, face
     last["facet"] = last["run_id"].map(facet) if facet is not None else ""
     facets = sorted(last["facet"].unique())[:9]
     order = sorted(last[hue_name].dropna().unique())
+    colours = dict(zip(order, sns.color_palette(PALETTE, len(order))))
+    ratio = reference in order and len(order) > 1
     ncol = min(3, len(facets))
     nrow = math.ceil(len(facets) / ncol)
     log = bool((last["loss"] > 0).all() and last["loss"].max() / max(last["loss"].min(), 1e-12) > 10)
     with theme():
-        fig = Figure(figsize=(4.6 * ncol, 3.4 * nrow + 0.9), layout="constrained")
-        axes = np.atleast_1d(fig.subplots(nrow, ncol, sharey=True, squeeze=False).ravel())
-        for ax, fac in zip(axes, facets):
+        heights = [3, 1.8] * nrow if ratio else [3] * nrow
+        fig = Figure(figsize=(4.6 * ncol, sum(heights) * 1.1 + 0.9), layout="constrained")
+        grid = fig.subplots(len(heights), ncol, squeeze=False, gridspec_kw={"height_ratios": heights})
+        step = 2 if ratio else 1
+        loss_axes = [grid[(i // ncol) * step, i % ncol] for i in range(nrow * ncol)]
+        for i, (ax, fac) in enumerate(zip(loss_axes, facets)):
             data = last[last["facet"] == fac]
-            sns.lineplot(data=data, x="t_mid", y="loss", hue=hue_name, hue_order=order, errorbar=t_errorbar(),
-                         marker="o", markersize=4, ax=ax, legend=ax is axes[0])
-            ax.set_xlabel("timestep t (bucket midpoint)")
+            sns.lineplot(data=data, x="t_mid", y="loss", hue=hue_name, hue_order=order, palette=colours,
+                         errorbar=t_errorbar(), marker="o", markersize=4, ax=ax, legend=i == 0)
+            ax.set_xlabel("" if ratio else "timestep t (bucket midpoint)")
             ax.set_ylabel("held-out loss at last eval")
             if log:
-                ax.set_yscale("log")
+                _log_y(ax)
             if fac:
                 ax.set_title(textwrap.fill(cell_label(fac), 50))
-        for ax in axes[len(facets):]:
-            ax.set_visible(False)
-        if axes[0].get_legend() is not None:
-            axes[0].get_legend().remove()
-            handles, labels = axes[0].get_legend_handles_labels()
+            if ratio:
+                rax = grid[(i // ncol) * 2 + 1, i % ncol]
+                means = data.groupby([hue_name, "t_mid"])["loss"].mean().unstack(0)
+                for name in order:
+                    if name in means and reference in means:
+                        rax.plot(means.index, means[name] / means[reference], marker="o", ms=3, color=colours[name])
+                rax.axhline(1.0, color="0.3", lw=0.8, ls="--")
+                rax.set_xlabel("timestep t (bucket midpoint)")
+                rax.set_ylabel(f"loss / {reference}")
+                rax.sharex(ax)
+        for i in range(len(facets), nrow * ncol):
+            loss_axes[i].set_visible(False)
+            if ratio:
+                grid[(i // ncol) * 2 + 1, i % ncol].set_visible(False)
+        if loss_axes[0].get_legend() is not None:
+            handles, labels = loss_axes[0].get_legend_handles_labels()
+            loss_axes[0].get_legend().remove()
             fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(order)), frameon=False,
                        title=f"{hue_name} (band: {LEVEL:.0%} t-CI across seeds)")
         return save(fig, out_dir, "timestep_loss")
@@ -215,7 +244,7 @@ def step_curves(steps: pd.DataFrame, out_dir: Path, hue: pd.Series | None = None
             ax.set_ylabel(metric)
             ax.set_title(metric)
             if (d["value"] > 0).all() and d["value"].max() / max(d["value"].min(), 1e-12) > 10:
-                ax.set_yscale("log")
+                _log_y(ax)
         if axes[0].get_legend() is not None:
             handles, labels = axes[0].get_legend_handles_labels()
             axes[0].get_legend().remove()

@@ -177,8 +177,13 @@ def claim_effect(study: StudyData, claim: dict[str, Any], metric: str, primary: 
     n_pairs = len(d_seed)
     nan = math.nan
     if nb < 2 or nv < 2:
-        reason = (f"fewer than 2 seeds per arm (baseline {nb}, variant {nv})" if metric in trials
-                  else f"metric {metric!r} was not logged by any trial")
+        if metric not in trials:
+            reason = f"metric {metric!r} was not logged by any trial"
+        else:
+            reason = f"fewer than 2 seeds per arm (baseline {nb}, variant {nv})"
+            empty = [arm for arm, n in (("baseline", nb), ("variant", nv)) if n == 0]
+            if empty:
+                reason += f"; no completed trial with {metric} in the {' and '.join(empty)}"
         return Effect(name, metric, primary, sign, nb, nv, n_pairs, "none", bm, vm, vm - bm, nan, nan, nan,
                       "inconclusive", reason)
     if n_pairs >= 2:
