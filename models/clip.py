@@ -15,7 +15,8 @@ Two roles, two models (`ROLES`):
 Either role can instead point at any local HF CLIP directory (`text.clip_path`, `eval.judge_path`).
 Trained CLIPs are cached by (dataset config, CLIP config, role) under `$DIFFABLATE_CACHE/clip/<key>/`,
 written atomically (tmp dir + rename) under a file lock, so a study trains each once and every trial
-(and every parallel worker) reuses it.
+(and every parallel worker) reuses it. The default `ClipConfig()` is the same on every device (`PRESETS`
+has a larger "base" for GPUs), so a run trained on the GPU reloads on a CPU with the same CLIP shape.
 """
 
 from __future__ import annotations
