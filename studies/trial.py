@@ -171,6 +171,15 @@ def suggest(spec: StudySpec, trial: optuna.Trial) -> tuple[Cell, int, dict[str, 
     return cell, int(seed), params
 
 
+def _unrecorded_run(ctx: TrialContext, planned: int) -> str | None:
+    """The child run of this planned trial if one exists although Optuna has no id for it: its worker died
+    between creating the run and recording it. Reusing it keeps one run per planned trial, none left RUNNING."""
+    runs = ctx.client.search_runs(
+        [ctx.experiment_id], max_results=1,
+        filter_string=f"tags.`diffablate.role` = 'trial' and tags.`diffablate.planned` = '{planned}'")
+    return runs[0].info.run_id if runs else None
+
+
 def _tracker(run_id: str, uri: str) -> Any:
     from diffablate.studies.tracking import MlflowTracker
 
@@ -190,11 +199,15 @@ def run_trial(ctx: TrialContext, study: optuna.Study, trial: optuna.Trial) -> Tr
         tags = {"diffablate.role": "trial", "diffablate.study": spec.name, "diffablate.trial_number": str(trial.number),
                 "diffablate.cell": cell.label, "diffablate.seed": str(seed), "diffablate.planned": str(planned),
                 "diffablate.status": "RUNNING", "diffablate.fail_reason": ""}
-        run_id = trial.user_attrs.get("mlflow_run_id")
+        run_id = trial.user_attrs.get("mlflow_run_id") or _unrecorded_run(ctx, planned)
         if run_id:  # a retry after a lost worker: continue the same child run (and checkpoints)
             tracking.reopen_run(ctx.tracking_uri, run_id)
             tracker = _tracker(run_id, ctx.tracking_uri)
             tracker.set_tags({**tags, "diffablate.attempt": str(attempt)})
+            if trial.user_attrs.get("mlflow_run_id") != run_id:
+                trial.set_user_attr("mlflow_run_id", run_id)
+                trial.set_user_attr("cell", cell.label)
+                trial.set_user_attr("seed", seed)
         else:
             run_id = tracking.start_run(ctx.tracking_uri, spec.name, f"t{trial.number:03d} {cell.label} s{seed}",
                                         ctx.parent_run_id, tags, workdir=ctx.workdir)

@@ -245,6 +245,26 @@ def test_interrupted_study_run_requeues_its_trial(tmp_path: Path, fake_env: dict
     assert_study_whole(wd, "sigint", 2)
 
 
+def test_run_created_but_unrecorded_is_reused_not_duplicated(tmp_path: Path, fake_env: dict[str, str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that died between creating a trial's MLflow run and recording its id in Optuna leaves an
+    orphan RUNNING run; the trial's next attempt adopts it, so there is still one run per planned trial and
+    none stays RUNNING."""
+    from diffablate.studies import runner, tracking
+    from diffablate.studies.spec import load_spec
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("DIFFABLATE_TEST_MARKS", str(tmp_path / "marks"))
+    spec = load_spec(_spec(tmp_path, "orphan", [0], GRID))
+    wd = tmp_path / "wd"
+    handle = runner.prepare_study(spec, wd)
+    tracking.start_run(runner.tracking_uri(wd), "orphan", "orphan", handle.parent_run_id,
+                       {"diffablate.role": "trial", "diffablate.planned": "0", "diffablate.status": "RUNNING"},
+                       workdir=wd)
+    runner.run_study(spec, workdir=wd, workers=1, trial_fn="fake_trials_rel:slow", log=lambda s: None)
+    assert_study_whole(wd, "orphan", 2)
+
+
 # --- concurrency ---------------------------------------------------------------------------------------------
 
 
@@ -262,9 +282,59 @@ def test_eight_workers_on_sqlite(tmp_path: Path, fake_env: dict[str, str]) -> No
     assert len(workers) >= 2
 
 
+@pytest.fixture(scope="module")
+def pg_url() -> Any:
+    """A throwaway PostgreSQL server (Debian's initdb/pg_ctl; run as the postgres user when we are root)."""
+    import shutil
+    import socket
+    import tempfile
+
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not on PATH")
+    pytest.importorskip("psycopg2")
+    root = Path(tempfile.mkdtemp(prefix="diffablate-pg-"))
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        shutil.chown(root, "postgres", "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = root / "data"
+    subprocess.run(prefix + [initdb, "-D", str(data), "-U", "postgres", "--auth=trust"], check=True,
+                   capture_output=True)
+    subprocess.run(prefix + [pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-t", "120", "-o",
+                             f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=200", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(prefix + [pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_eight_workers_on_postgres(tmp_path: Path, fake_env: dict[str, str], pg_url: str) -> None:
+    """The same 8-worker study with Optuna on a real PostgreSQL server."""
+    spec, wd, log = _spec(tmp_path, "concpg", list(range(8)), GRID), tmp_path / "wd", tmp_path / "log"
+    args = ["study", "run", str(spec), "--workdir", str(wd), "--workers", "8", "--storage", pg_url,
+            "--trial-fn", "fake_trials_rel:slow"]
+    out = _finish(_cli(args, {**fake_env, "DIFFABLATE_TEST_SLEEP": "0.1"}, log), log, timeout=550)
+    assert "Traceback" not in out, out[-3000:]
+    trials = optuna.load_study(study_name="concpg", storage=pg_url).get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(trials) == 16 and sorted(t.user_attrs["planned"] for t in complete) == list(range(16))
+    runs = _trial_runs(wd, "concpg")
+    assert len(runs) == 16 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len({_pid(m) for m in (tmp_path / "marks").glob("done-*")}) >= 2
+
+
 # --- divergence ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~60 s alone on 2 CPU cores: three real (tiny) trainings + scoring
 def test_diverging_trials_fail_with_reason_and_study_continues(tmp_path: Path) -> None:
     """One-at-a-time over a sane baseline, lr = 1e12 and train.diverge_loss = 1e-9: the two bad cells end FAIL
     with the reason in Optuna (user attr) and MLflow (status FAILED, tags), the baseline still completes."""
