@@ -1,0 +1,84 @@
+"""diffablate bench: the reference loop and the trainer measure the same loss; fast vs fp32 agree; the bench runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffablate.models import trainer
+from diffablate.studies import bench
+
+TINY = ["data.resolution=8", "data.n_heldout=8", "text.embed_dim=16", "eval.sampling_steps=2", "train.warmup_steps=5"]
+
+
+def _cfg(**perf: str):
+    cfg = bench.bench_config(width=32, batch_size=4, device="cpu", n_train=16, overrides=TINY)
+    return cfg.with_overrides({f"perf.{k}": v for k, v in perf.items()}) if perf else cfg
+
+
+def test_reference_loss_is_the_trainers_objective(tmp_path: Path) -> None:
+    """On a fixed batch the diffusers-example loss (F.mse_loss mean) equals the trainer's optimised objective
+    (uniform sampler: weights 1, no loss weighting) and the mean of its per-example losses."""
+    c = trainer.build_context(_cfg(), tmp_path)
+    batch = trainer.draw_batch(c, 0)
+    assert torch.equal(batch.w, torch.ones_like(batch.w))
+    losses, objective = trainer.step_losses(c, batch)
+    text = c.model.text_encoder(batch.captions)
+    ref = bench.reference_loss(c.model.denoiser, c.scheduler, batch.x0, batch.t, batch.noise, text,
+                               c.cfg.diffusion.prediction_type)
+    assert ref.item() == pytest.approx(objective.item(), rel=1e-5)
+    assert ref.item() == pytest.approx(losses.mean().item(), rel=1e-5)
+
+
+def test_bf16_fast_switches_agree_with_fp32_on_a_fixed_batch(tmp_path: Path) -> None:
+    """The CPU-testable fast switches (bf16 autocast, channels_last) change the loss only by bf16 rounding."""
+    fp32 = trainer.build_context(_cfg(), tmp_path / "a")
+    fast = trainer.build_context(_cfg(mixed_precision="bf16", channels_last="on"), tmp_path / "b")
+    assert fast.perf.mixed_precision == "bf16" and fast.perf.channels_last
+    b32, bfast = trainer.draw_batch(fp32, 0), trainer.draw_batch(fast, 0)
+    assert torch.equal(b32.t, bfast.t) and torch.equal(b32.noise, bfast.noise) and b32.captions == bfast.captions
+    l32, o32 = trainer.step_losses(fp32, b32)
+    lfast, ofast = trainer.step_losses(fast, bfast)
+    assert lfast.dtype == torch.float32  # the reduction stays fp32 under autocast
+    assert ofast.item() == pytest.approx(o32.item(), rel=3e-2)
+    assert torch.allclose(lfast, l32, rtol=5e-2, atol=1e-3)
+
+
+def test_curve_agreement_measures_relative_difference() -> None:
+    a = torch.linspace(1.0, 0.5, 100, dtype=torch.float64)
+    assert bench.curve_agreement(a, a.clone(), window=10)["max_rel_diff"] == 0.0
+    assert bench.curve_agreement(a, a * 1.1, window=10)["max_rel_diff"] == pytest.approx(0.1)
+
+
+def test_bench_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
+    record = bench.run_bench(device="cpu", batch_size=4, steps=2, warmup=1, width=32, reference_precisions=("no",),
+                             curve_steps=30, sample_n=4, sample_batch=4, profile=2, n_train=16, overrides=TINY,
+                             command="test", log=lambda s: None)
+    loops = record["loops"]
+    assert set(loops) == {"reference-fp32", "diffablate"}
+    assert all(r["img_per_s"] > 0 for r in loops.values())
+    assert record["flops_per_step"] > 0 and record["speedup_vs_reference-fp32"] > 0
+    assert record["sampling"]["img_per_s"] > 0
+    assert "profile:" in record["profile_table"]
+    # On the CPU "auto" resolves every switch to the fp32 eager path: the two curves are the same run.
+    assert record["curves"]["max_rel_diff"] == 0.0 and record["curves"]["steps"] == 30
+    path = bench.append_result(record, tmp_path / "r.jsonl")
+    assert json.loads(path.read_text().splitlines()[-1])["command"] == "test"
+
+
+def test_cli_errors_exit_2_before_compute() -> None:
+    from typer.testing import CliRunner
+
+    from diffablate.studies.cli import app
+
+    runner = CliRunner()
+    if not torch.cuda.is_available():
+        r = runner.invoke(app, ["bench", "--device", "cuda", "--no-save"])
+        assert r.exit_code == 2 and "error: device" in r.output
+    r = runner.invoke(app, ["bench", "--device", "cpu", "--reference", "fp64", "--no-save"])
+    assert r.exit_code == 2 and "error: --reference" in r.output
+    r = runner.invoke(app, ["bench", "--device", "cpu", "--model-width", "48", "--no-save"])
+    assert r.exit_code == 2 and "--model-width" in r.output
