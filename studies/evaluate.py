@@ -40,14 +40,30 @@ def reference_key(cfg: RunConfig) -> str:
     return f"{d.name}.heldout.{d.resolution}px.seed{d.seed}.n{d.n_heldout}.{path}"
 
 
-def generate_samples(trained: Any, cfg: RunConfig, captions: list[str], device: torch.device) -> torch.Tensor:
-    """uint8 [N, C, H, W] images for `captions` with the eval sampler settings and the fixed noise seed."""
-    from diffablate.models.diffusion import generate
+# Captions per `generate` batch (guidance doubles the rows): a 10 M-param UNet at 32 px is launch-bound
+# below a few thousand rows on a GPU (issue 8); the CPU keeps the default's memory footprint.
+SAMPLE_BATCH = {"cuda": 2048}
 
+
+def generate_samples(trained: Any, cfg: RunConfig, captions: list[str], device: torch.device,
+                     batch_size: int | None = None) -> torch.Tensor:
+    """uint8 [N, C, H, W] images for `captions` with the eval sampler settings and the fixed noise seed.
+
+    Runs under the run's resolved `perf.mixed_precision` (bf16 autocast on CUDA by default, as in
+    training; fp32 on the CPU). The initial noise is drawn up front, so the batch size never changes
+    the images.
+    """
+    from diffablate.models.diffusion import generate
+    from diffablate.models.trainer import resolve_perf
+
+    device = torch.device(device)
+    dtype = resolve_perf(cfg.perf, device).autocast_dtype
     gen = torch.Generator(device=device).manual_seed(EVAL_NOISE_SEED)
     ev = cfg.eval
-    return generate(trained.denoiser, trained.text_encoder, captions, cfg=cfg, sampler=ev.sampler,
-                    steps=ev.sampling_steps, guidance_scale=ev.guidance_scale, generator=gen, device=device)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        return generate(trained.denoiser, trained.text_encoder, captions, cfg=cfg, sampler=ev.sampler,
+                        steps=ev.sampling_steps, guidance_scale=ev.guidance_scale, generator=gen, device=device,
+                        batch_size=batch_size or SAMPLE_BATCH.get(device.type, 256))
 
 
 def score_images(images: torch.Tensor, captions: list[str], labels: list[dict[str, Any]] | None, heldout: Any,
