@@ -413,11 +413,15 @@ def _redact(url: str) -> str:
 def placement(workers: int | None, workers_per_gpu: int = 1) -> list[tuple[dict[str, str], int]]:
     """(extra env, torch threads) per local worker: one per visible GPU x K, or `workers` CPU processes."""
     gpus = _visible_gpus()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if gpus:
         n = workers or len(gpus) * workers_per_gpu
-        return [({"CUDA_VISIBLE_DEVICES": gpus[(i // workers_per_gpu) % len(gpus)]}, 0) for i in range(n)]
+        # GPU workers have CPU phases too (FID statistics, KID, data rendering): split the cores between them,
+        # else 4 workers x 64 threads thrash (issue 8).
+        threads = max(1, cores // n)
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        return [({"CUDA_VISIBLE_DEVICES": gpus[(i // workers_per_gpu) % len(gpus)], **env}, threads) for i in range(n)]
     n = workers or 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // n)  # split the cores, else N workers x all cores thrash
     return [({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}, threads) for _ in range(n)]
 
