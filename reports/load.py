@@ -131,18 +131,16 @@ def _table_frame(obj: Any) -> pd.DataFrame:
     return pd.DataFrame(obj)
 
 
-def _number(value: str | None) -> float:
-    try:
-        return float(value) if value not in (None, "") else np.nan
-    except ValueError:
-        return np.nan
-
-
 def load_study(study: str, tracking_uri: str) -> StudyData:
     """Read study ``study`` from the MLflow store at ``tracking_uri``.
 
     Raises ReportError naming the study and URI when the experiment or its parent run is missing.
     """
+    if tracking_uri.startswith("sqlite:///"):
+        # MLflow would silently create an empty database at a mistyped path; a report must not write there.
+        path = Path(tracking_uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise ReportError(f"study {study!r}: no MLflow store at {path} (tracking URI {tracking_uri})")
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         exp = client.get_experiment_by_name(study)
@@ -244,8 +242,3 @@ def download_samples(study: StudyData, run_ids: list[str], dest: Path) -> dict[s
 def log_report(study: StudyData, report_dir: Path) -> None:
     """Log the report directory to the study's parent run under artifact path ``report/``."""
     MlflowClient(tracking_uri=study.tracking_uri).log_artifacts(study.parent_run_id, str(report_dir), "report")
-
-
-def number(value: str | None) -> float:
-    """A param string as float (NaN when empty or not numeric)."""
-    return _number(value)

@@ -31,11 +31,6 @@ def report(
 
     wd = workdir if workdir is not None else Path("studies-out") / study
     uri = tracking_uri or default_tracking_uri(wd)
-    if tracking_uri is None and not (wd / "mlflow.db").is_file():
-        # Without this check MLflow would silently create an empty store and the error would be vaguer.
-        typer.echo(f"error: study {study!r}: no MLflow store at {wd / 'mlflow.db'} (pass --workdir or --tracking-uri)",
-                   err=True)
-        raise typer.Exit(2)
     try:
         result = build_report(study, uri, out if out is not None else wd / "report",
                               optuna_storage=optuna_storage or find_optuna_storage(wd, study), log_to_mlflow=log)

@@ -248,6 +248,7 @@ def test_unknown_study_errors_name_study_and_uri(store: tuple[Path, str], tmp_pa
     assert res.exit_code == 2 and "error: study 'nope'" in res.output and "mlflow.db" in res.output
     res = CliRunner().invoke(app, ["report", STUDY, "--workdir", str(tmp_path / "empty")])
     assert res.exit_code == 2 and "no MLflow store" in res.output
+    assert not (tmp_path / "empty").exists()  # nothing created at a mistyped path
     # An experiment without a parent run is also named as such.
     client = MlflowClient(tracking_uri=store[1])
     client.create_experiment("orphan", artifact_location=(tmp_path / "a").as_uri())
