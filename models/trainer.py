@@ -543,6 +543,8 @@ def _restore(c: _Ctx, path: Path) -> None:
         for name, g in c.gens.items():
             g.set_state(state["rng"][name])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None:  # dropout layers on the GPU draw from this one
+            torch.cuda.set_rng_state(state["cuda_rng"], c.device)
     else:  # generator states are device-specific: continue correctly, but no longer bit-identically
         warnings.warn(f"{path}: checkpoint from a {state['device_type']} run resumed on {c.device.type}: "
                       "the CPU streams continue exactly, the noise stream is re-seeded", stacklevel=3)
@@ -678,6 +680,7 @@ def _save_checkpoint(c: _Ctx, step: int, lr: float, t_interval: float, t_start: 
         "device_type": c.device.type,
         "rng": ckpt.rng_state(c.gens),
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(c.device) if c.device.type == "cuda" else None,
         "sampler": c.sampler.state_dict(),
         "scaler": c.scaler.state_dict() if c.scaler.is_enabled() else {},
         "meter": c.meter.state_dict(),
