@@ -282,3 +282,16 @@ def test_reports_never_import_models_or_studies() -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 assert not name.startswith(("diffablate.models", "diffablate.studies")), f"{path.name} imports {name}"
+
+
+def test_expected_sign_and_t_interval() -> None:
+    from diffablate.reports.stats import expected_sign, t_interval
+
+    # Sign of (variant - baseline) a claim predicts, for every metric direction x expected winner.
+    assert expected_sign("lower", "variant_better") == -1
+    assert expected_sign("lower", "baseline_better") == 1
+    assert expected_sign("higher", "variant_better") == 1
+    assert expected_sign("higher", "baseline_better") == -1
+    mean, lo, hi, n = t_interval([1.0, 2.0, 3.0])
+    assert (mean, n) == (2.0, 3) and hi - mean == pytest.approx(4.302653 * 1.0 / 3**0.5, rel=1e-6)  # t(0.975, 2)
+    assert np.isnan(t_interval([5.0])[1]) and t_interval([])[3] == 0
