@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import math
 import shutil
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 from diffablate.models import checkpoint as ckpt
 from diffablate.models import diffusion
 from diffablate.models.axes import LOSS_WEIGHTINGS, TIMESTEP_SAMPLERS, TimestepSampler, drop_captions
-from diffablate.models.config import ConfigError, PerfConfig, RunConfig
+from diffablate.models.config import ConfigError, DataConfig, PerfConfig, RunConfig
 from diffablate.models.data import CaptionedImages, build_dataset, to_model_range
 from diffablate.models.denoiser import build_denoiser, count_parameters
 from diffablate.models.text import TEXT_ENCODERS, TextEncoder
@@ -497,8 +498,8 @@ def _setup(cfg: RunConfig, run_dir: Path, tracker: Tracker, resume: bool) -> _Ct
     if latest is not None:
         _check_resumable(cfg, latest)
     # Data: both splits built once and kept in memory (on the device when perf.data_on_device).
-    train_ds = build_dataset(cfg.data, "train")
-    heldout = build_dataset(cfg.data, "heldout")
+    train_ds = _dataset(cfg.data, "train")
+    heldout = _dataset(cfg.data, "heldout")
     images = train_ds.images.to(device) if perf.data_on_device else train_ds.images
     model = build_models(cfg, train_ds.captions).to(device)
     if perf.channels_last:
@@ -523,6 +524,13 @@ def _setup(cfg: RunConfig, run_dir: Path, tracker: Tracker, resume: bool) -> _Ct
         c.forward_denoiser = _compile_or_eager(c)
     _log_start(c, resumed_from=latest)
     return c
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(data: DataConfig, split: str) -> CaptionedImages:
+    """`build_dataset`, memoised per process: a study worker trains many trials on the same data, and
+    rendering 20k shapes scenes costs 10-25 s of CPU per call (issue 8). Callers never mutate it."""
+    return build_dataset(data, split)
 
 
 def _check_resumable(cfg: RunConfig, path: Path) -> None:
@@ -566,6 +574,9 @@ def _compile_or_eager(c: _Ctx) -> nn.Module:
     Compilation is lazy, so a warm-up forward + backward on held-out data triggers it here, outside the
     loop; it draws nothing from the run's generators and leaves no gradients behind.
     """
+    # A study worker compiles one denoiser per trial and the cells differ in graph (conditioning, time
+    # embedding): raise Dynamo's per-function recompile limit (8) so late trials are not silently eager.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     compiled = torch.compile(c.model.denoiser)
     B, p = c.cfg.train.batch_size, c.probe
     idx = torch.arange(B) % len(p.captions)
