@@ -116,7 +116,7 @@ def make_storage(url: str, spec: StudySpec | None, *, on_stale: Callable[[optuna
         engine_kwargs = {"connect_args": {"timeout": 60}}
     rt = spec.runtime if spec is not None else None
     try:
-        return optuna.storages.RDBStorage(
+        storage = optuna.storages.RDBStorage(
             url, engine_kwargs=engine_kwargs,
             heartbeat_interval=rt.heartbeat_interval if rt else None,
             grace_period=rt.grace_period if rt else None,
@@ -124,6 +124,32 @@ def make_storage(url: str, spec: StudySpec | None, *, on_stale: Callable[[optuna
         )
     except Exception as e:  # sqlalchemy errors: bad driver, unreachable server, ...
         raise StudyError(f"--storage: cannot open {url!r}: {e}") from None
+    if url.startswith("sqlite"):
+        _sqlite_begin_immediate(storage.engine)
+    return storage
+
+
+def _sqlite_begin_immediate(engine: Any) -> None:
+    """Make Optuna's read-check-write updates atomic across processes on SQLite.
+
+    pysqlite runs a SELECT outside any transaction and only BEGINs before the UPDATE, so `SELECT ... FOR
+    UPDATE` (ignored by SQLite anyway) protects nothing: two workers both read a trial as WAITING and both
+    claim and run it, or both fail the same stale trial and queue two retries (seen with 8 workers,
+    tests/test_reliability.py::test_eight_workers_on_sqlite). BEGIN IMMEDIATE takes SQLite's write lock at
+    the start of every transaction (waiting up to the 60 s busy timeout), so each check-and-set is serialised.
+    This is SQLAlchemy's documented pysqlite recipe; PostgreSQL's row locks already do this.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_con: Any, _record: Any) -> None:
+        dbapi_con.isolation_level = None  # pysqlite must not BEGIN on its own; the hook below does
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # drop connections opened (schema check) before the hooks existed
 
 
 # --- samplers -----------------------------------------------------------------------------------------

@@ -268,6 +268,37 @@ def test_run_created_but_unrecorded_is_reused_not_duplicated(tmp_path: Path, fak
 # --- concurrency ---------------------------------------------------------------------------------------------
 
 
+def _claim_all(url: str, q: Any) -> None:
+    from diffablate.studies import runner
+
+    study = optuna.load_study(study_name="race", storage=runner.make_storage(url, None))
+    got = []
+    while (t := runner.claim_waiting_trial(study)) is not None:
+        got.append(t)
+    q.put(got)
+
+
+def test_sqlite_claims_are_atomic_across_processes(tmp_path: Path) -> None:
+    """4 processes race to claim 60 WAITING trials on one SQLite file: each trial is claimed exactly once.
+    (Without BEGIN IMMEDIATE, pysqlite's SELECT-then-UPDATE let several workers claim the same trial.)"""
+    import multiprocessing
+
+    from diffablate.studies import runner
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="race", storage=runner.make_storage(url, None))
+    study.add_trials([optuna.create_trial(state=TrialState.WAITING) for _ in range(60)])
+    ctx = multiprocessing.get_context("fork")  # fork: the children reuse this process's imports (fast)
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(url, q)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    claims = [t for _ in procs for t in q.get(timeout=300)]
+    for p in procs:
+        p.join(timeout=60)
+    assert len(claims) == 60 and len(set(claims)) == 60
+
+
 @pytest.mark.slow
 def test_eight_workers_on_sqlite(tmp_path: Path, fake_env: dict[str, str]) -> None:
     """8 worker processes, 16 short trials, one SQLite file for Optuna and one for MLflow: no 'database is
