@@ -18,7 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from diffablate.reports import figures, stats
-from diffablate.reports.load import StudyData, download_samples, load_study, log_report
+from diffablate.reports.load import (StudyData, axis_value, download_samples, load_study, log_report, parse_cell,
+                                     same_axis)
 from diffablate.reports.render import Block, Bullets, Fig, Heading, Para, Table, fmt_value, to_html, to_markdown
 
 FLOAT_FORMAT = "%.6g"  # CSV floats: stable, short, enough digits for every metric here
@@ -211,8 +212,6 @@ def _missing_section(missing: pd.DataFrame) -> list[Block]:
 
 
 def _axis_by_run(study: StudyData, axis: str) -> pd.Series:
-    from diffablate.reports.load import axis_value, parse_cell
-
     return pd.Series({rid: axis_value(study.params.get(rid, {}), parse_cell(cell), axis)
                       for rid, cell in zip(study.trials["run_id"], study.trials["cell"])}, dtype=object)
 
@@ -223,8 +222,6 @@ def _dynamics_section(study: StudyData, fig_dir: Path) -> list[Block]:
     sampler = _axis_by_run(study, SAMPLER_AXIS)
     if sampler.nunique(dropna=True) > 1:
         # Facet by the other design axes, so each panel compares samplers with everything else fixed.
-        from diffablate.reports.load import parse_cell, same_axis
-
         others = cells.map(lambda c: ",".join(f"{k}={v}" for k, v in parse_cell(c).items()
                                               if not same_axis(k, SAMPLER_AXIS)))
         hue, hue_name, facet = sampler, SAMPLER_AXIS, others
@@ -235,7 +232,8 @@ def _dynamics_section(study: StudyData, fig_dir: Path) -> list[Block]:
     ts = study.timestep_loss[study.timestep_loss["run_id"].isin(done)]
     stem = figures.timestep_profile(ts, hue, hue_name, facet, fig_dir)
     if stem is None:
-        out.append(Para("No completed trial logged `timestep_loss.json`; the loss-over-timestep profile is not available."))
+        out.append(Para("No completed trial logged `timestep_loss.json`; the loss-over-timestep profile is not "
+                        "available."))
     else:
         out.append(Fig(stem, "Held-out loss per timestep bucket at each run's last evaluation, mean and 95 % t-CI "
                              "across seeds. A sampler that neglects later time steps shows a higher loss there."))

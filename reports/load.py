@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
@@ -197,7 +196,8 @@ def load_study(study: str, tracking_uri: str) -> StudyData:
 def _trial_row(run: Run, cell: dict[str, str], axes: list[str]) -> dict[str, Any]:
     tags, params = run.data.tags, run.data.params
     # A trial whose worker died never wrote diffablate.status; fall back on MLflow's own run status.
-    status = tags.get(f"{TAG}status") or {"FINISHED": "COMPLETE", "FAILED": "FAIL"}.get(run.info.status, run.info.status)
+    mlflow_status = {"FINISHED": "COMPLETE", "FAILED": "FAIL"}.get(run.info.status, run.info.status)
+    status = tags.get(f"{TAG}status") or mlflow_status
     seed = tags.get(f"{TAG}seed", params.get("seed"))
     trial = tags.get(f"{TAG}trial_number")
     row: dict[str, Any] = {

@@ -19,28 +19,38 @@ import pandas as pd
 
 @dataclass(frozen=True)
 class Heading:
+    """A section title (level 1-3)."""
+
     level: int
     text: str
 
 
 @dataclass(frozen=True)
 class Para:
-    text: str  # may use **bold** and `code`
+    """A paragraph; may use **bold** and `code`."""
+
+    text: str
 
 
 @dataclass(frozen=True)
 class Bullets:
+    """A bulleted list of inline-formatted items."""
+
     items: list[str]
 
 
 @dataclass(frozen=True)
 class Table:
+    """A DataFrame rendered as a table; `formats` maps column -> cell formatter."""
+
     frame: pd.DataFrame
     formats: dict[str, Callable[[Any], str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Fig:
+    """A figure written by figures.py: figures/<stem>.png (embedded in HTML) and .svg (linked from Markdown)."""
+
     stem: str  # figures/<stem>.png and .svg
     caption: str
 

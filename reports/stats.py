@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from diffablate.reports.load import StudyData, axis_value, same_axis
+from diffablate.reports.load import StudyData, axis_value, parse_cell, same_axis
 
 LEVEL = 0.95
 # Which way is better for each headline metric; used for secondary-metric effects (claims state their own).
@@ -132,8 +132,6 @@ def _same(a: Any, b: Any) -> bool:
 
 def arm_mask(study: StudyData, arm: dict[str, Any]) -> pd.Series:
     """Which trials (rows of ``study.trials``) match every axis value of a claim arm."""
-    from diffablate.reports.load import parse_cell
-
     ok = []
     for _, row in study.trials.iterrows():
         cell = parse_cell(row["cell"])
@@ -163,7 +161,8 @@ def claim_effect(study: StudyData, claim: dict[str, Any], metric: str, primary: 
     arms = {}
     for label, arm in (("baseline", base_arm), ("variant", var_arm)):
         sel = trials[arm_mask(study, arm) & done] if metric in trials else trials.iloc[0:0]
-        arms[label] = sel.groupby(["seed", *others], dropna=False)[metric].mean() if len(sel) else pd.Series(dtype=float)
+        arms[label] = (sel.groupby(["seed", *others], dropna=False)[metric].mean() if len(sel)
+                       else pd.Series(dtype=float))
     b, v = arms["baseline"], arms["variant"]
     # The seed is the unit of replication: per-arm values are averaged over the other axes within a seed.
     b_seed = b.groupby(level=0).mean() if len(b) else pd.Series(dtype=float)

@@ -21,7 +21,8 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory [default: WORKDIR/report]."),
     optuna_storage: Optional[str] = typer.Option(None, "--optuna-storage",
                                                  help="Optuna storage URL for the search plots "
-                                                      "[default: as recorded in WORKDIR/study.json, else WORKDIR/optuna.db]."),
+                                                      "[default: as recorded in WORKDIR/study.json, "
+                                                      "else WORKDIR/optuna.db]."),
     log: bool = typer.Option(True, "--log/--no-log", help="Log the report to the study's parent MLflow run."),
 ) -> None:
     """Write report.md, report.html, trials.csv, claims.csv and figures/ for STUDY, from MLflow alone."""

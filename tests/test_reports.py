@@ -206,7 +206,8 @@ def test_failed_pruned_and_missing_trials_are_listed(report) -> None:
 def test_every_figure_exists_and_is_not_trivial(report) -> None:
     figs = report.out_dir / "figures"
     stems = {p.stem for p in figs.glob("*.png")}
-    expected = {"effects_forest", "claims", "timestep_loss", "steps", "samples", "interaction_conditioning_timestep_sampler"}
+    expected = {"effects_forest", "claims", "timestep_loss", "steps", "samples",
+                "interaction_conditioning_timestep_sampler"}
     assert expected <= stems
     for stem in stems:
         png, svg = figs / f"{stem}.png", figs / f"{stem}.svg"
