@@ -159,6 +159,7 @@ def ui_cmd(
     """Serve the MLflow UI and optuna-dashboard for one work directory until Ctrl-C."""
     from diffablate.studies import runner, ui
 
+    ui.stop_on_sigterm()
     try:
         wd = runner.resolve_workdir(workdir)
         servers = ui.start_ui(wd, host, mlflow_port, optuna_port)

@@ -78,8 +78,11 @@ def ui_commands(workdir: Path, host: str, mlflow_port: int, optuna_port: int) ->
 
 
 def start_ui(workdir: Path, host: str = "127.0.0.1", mlflow_port: int | None = None, optuna_port: int | None = None,
-             *, timeout_s: float = 120, log_dir: Path | None = None) -> UiServers:
-    """Start both servers and wait until both answer HTTP; raise StudyError (after stopping them) if not."""
+             *, timeout_s: float = 600, log_dir: Path | None = None) -> UiServers:
+    """Start both servers and wait until both answer HTTP; raise StudyError (after stopping them) if not.
+
+    The generous default timeout is for loaded machines: `mlflow server` imports FastAPI, SQLAlchemy and
+    its job runner before it answers (10 s idle, minutes on a 2-core box running other jobs)."""
     mlflow_port = mlflow_port or free_port(host)
     optuna_port = optuna_port or free_port(host)
     mlflow_cmd, dash_cmd = ui_commands(workdir, host, mlflow_port, optuna_port)
@@ -115,6 +118,15 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) ->
     raise StudyError(f"{url}: no answer after {timeout_s:.0f} s; see {log}")
 
 
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so `finally` blocks stop the servers (the default would orphan them)."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def serve_until_interrupted(servers: UiServers, echo: Callable[[str], None] = print) -> None:
     echo(f"MLflow:           {servers.mlflow_url}")
     echo(f"Optuna dashboard: {servers.optuna_url}")
@@ -123,7 +135,7 @@ def serve_until_interrupted(servers: UiServers, echo: Callable[[str], None] = pr
         while all(p.poll() is None for p in servers.procs):
             time.sleep(0.5)
         echo("a server exited; stopping the other")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         pass
     finally:
         servers.stop()
