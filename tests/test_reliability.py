@@ -339,7 +339,7 @@ def pg_url() -> Any:
                              f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=200", "start"],
                    check=True, capture_output=True)
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"  # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3
     finally:
         subprocess.run(prefix + [pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
@@ -437,8 +437,14 @@ def test_killed_trial_resumes_from_checkpoint_on_the_same_loss_curve(tmp_path: P
     run = runs[0]
     assert run.data.tags["diffablate.resumed_from_step"] == "4" and run.data.tags["diffablate.attempt"] == "1"
 
+    import torch
+
+    from diffablate.studies.runner import placement
+
     spec = load_spec(spec_path)
     ref = _Recorder()
+    # Same torch thread count as the study's single worker: CPU reductions are bit-reproducible per count.
+    torch.set_num_threads(placement(1)[0][1])
     train(spec.cell_config(spec.cells[0], 0), tmp_path / "ref", tracker=ref, progress=False)
     client = _mlflow(wd)
     for key, steps in (("train_loss", range(1, 9)), ("heldout_loss", (3, 6, 8))):
