@@ -267,7 +267,8 @@ def _samples_section(study: StudyData, fig_dir: Path) -> list[Block]:
 
 
 def _interaction_section(study: StudyData, metrics: list[str], fig_dir: Path) -> list[Block]:
-    varying = [a for a in study.axes if study.trials[a].nunique(dropna=True) > 1]
+    # Categorical-looking axes only: a searched continuous parameter would give one column per trial.
+    varying = [a for a in study.axes if 1 < study.trials[a].nunique(dropna=True) <= 8]
     if len(varying) < 2:
         return []
     out: list[Block] = [Heading(2, "Interactions"),

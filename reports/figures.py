@@ -28,6 +28,7 @@ PALETTE = "colorblind"  # seaborn's 10-colour palette, distinguishable under the
 VERDICT_COLOURS = dict(zip(["supported", "contradicted", "inconclusive", "secondary"],
                            [sns.color_palette(PALETTE)[i] for i in (2, 3, 7, 7)]))
 DPI = 110
+MAX_LEGEND = 12  # beyond this many lines (e.g. a search's one-trial cells) a legend is unreadable; it is left out
 
 
 @contextmanager
@@ -185,7 +186,8 @@ def timestep_profile(timestep: pd.DataFrame, hue: pd.Series, hue_name: str, face
         for i, (ax, fac) in enumerate(zip(loss_axes, facets)):
             data = last[last["facet"] == fac]
             sns.lineplot(data=data, x="t_mid", y="loss", hue=hue_name, hue_order=order, palette=colours,
-                         errorbar=t_errorbar(), marker="o", markersize=4, ax=ax, legend=i == 0)
+                         errorbar=t_errorbar(), marker="o", markersize=4, ax=ax,
+                         legend=i == 0 and len(order) <= MAX_LEGEND)
             ax.set_xlabel("" if ratio else "timestep t (bucket midpoint)")
             ax.set_ylabel("held-out loss at last eval")
             if log:
@@ -240,7 +242,7 @@ def step_curves(steps: pd.DataFrame, out_dir: Path, hue: pd.Series | None = None
         for ax, metric in zip(axes, metrics):
             d = data[data["metric"] == metric]
             sns.lineplot(data=d, x="step", y="value", hue=hue_col, hue_order=order, errorbar=t_errorbar(), ax=ax,
-                         legend=ax is axes[0], err_kws={"alpha": 0.12}, **style_kw)
+                         legend=ax is axes[0] and len(order) <= MAX_LEGEND, err_kws={"alpha": 0.12}, **style_kw)
             ax.set_ylabel(metric)
             ax.set_title(metric)
             if (d["value"] > 0).all() and d["value"].max() / max(d["value"].min(), 1e-12) > 10:

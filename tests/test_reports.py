@@ -148,13 +148,19 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
+def loaded(store: tuple[Path, str]):
+    """The synthetic study read once (tests that change it work on a copy)."""
+    return load_study(STUDY, store[1])
+
+
+@pytest.fixture(scope="module")
 def report(store: tuple[Path, str]):
     workdir, uri = store
     return build_report(STUDY, uri, workdir / "report")
 
 
-def test_load_gives_one_row_per_trial_with_axes_and_metrics(store: tuple[Path, str]) -> None:
-    data = load_study(STUDY, store[1])
+def test_load_gives_one_row_per_trial_with_axes_and_metrics(loaded) -> None:
+    data = loaded
     t = data.trials
     assert len(t) == 17 and list(t["trial"]) == list(range(17))
     assert data.axes == ["axes.conditioning", "axes.timestep_sampler"]
@@ -179,10 +185,12 @@ def test_verdicts_match_planted_effects(report) -> None:
     assert (claims.loc["clear_effect", "n_gen"], claims.loc["clear_effect", "n_ref"]) == ("64", "256")
 
 
-def test_welch_when_no_seed_is_shared(store: tuple[Path, str]) -> None:
+def test_welch_when_no_seed_is_shared(loaded) -> None:
+    import dataclasses
+
     from diffablate.reports.stats import claim_effect
 
-    data = load_study(STUDY, store[1])
+    data = dataclasses.replace(loaded, trials=loaded.trials.copy())
     # Shift the variant's seeds so no pair exists: the test must fall back to Welch, same sign of effect.
     lv = data.trials["axes.timestep_sampler"] == "logit-normal"
     data.trials.loc[lv, "seed"] += 10
@@ -234,9 +242,9 @@ def test_regeneration_through_cli_is_byte_identical(store: tuple[Path, str], rep
     assert list(trials["trial"]) == sorted(trials["trial"])
 
 
-def test_report_is_logged_to_parent_run(store: tuple[Path, str], report) -> None:
+def test_report_is_logged_to_parent_run(store: tuple[Path, str], loaded, report) -> None:
     client = MlflowClient(tracking_uri=store[1])
-    parent = load_study(STUDY, store[1]).parent_run_id
+    parent = loaded.parent_run_id
     logged = {f.path for f in client.list_artifacts(parent, "report")}
     assert {"report/report.md", "report/report.html", "report/trials.csv", "report/claims.csv"} <= logged
 
