@@ -85,7 +85,7 @@ def build_report(study_name: str, tracking_uri: str, out_dir: Path, *, optuna_st
         blocks.append(Bullets(notes))
     blocks += _claims_section(study, effects, claims_table, fig_dir)
     blocks += _cells_section(summary)
-    blocks += _missing_section(missing)
+    blocks += _missing_section(study, missing)
     blocks += _dynamics_section(study, fig_dir)
     blocks += _samples_section(study, fig_dir)
     blocks += _interaction_section(study, metrics, fig_dir)
@@ -202,8 +202,12 @@ def _cells_section(summary: pd.DataFrame) -> list[Block]:
     return out + [Table(wide.fillna("–"))]
 
 
-def _missing_section(missing: pd.DataFrame) -> list[Block]:
+def _missing_section(study: StudyData, missing: pd.DataFrame) -> list[Block]:
     out: list[Block] = [Heading(2, "Missing, failed and pruned trials")]
+    planned = study.parent_tags.get("diffablate.n_planned", "")
+    if planned.isdigit() and int(planned) > len(study.trials):
+        out.append(Para(f"**{int(planned) - len(study.trials)} of {planned} planned trials have no MLflow run** "
+                        "(not started, or the study is still running)."))
     if missing.empty:
         return out + [Para("None: every design cell has a completed trial for every seed.")]
     return out + [Para(f"{len(missing)} trial(s) did not contribute; statistics above use completed trials only."),
@@ -267,6 +271,8 @@ def _samples_section(study: StudyData, fig_dir: Path) -> list[Block]:
 
 
 def _interaction_section(study: StudyData, metrics: list[str], fig_dir: Path) -> list[Block]:
+    if study.parent_tags.get("diffablate.kind") == "search":
+        return []  # searched values are sampled, not crossed: a two-axis mean table would be mostly empty cells
     # Categorical-looking axes only: a searched continuous parameter would give one column per trial.
     varying = [a for a in study.axes if 1 < study.trials[a].nunique(dropna=True) <= 8]
     if len(varying) < 2:

@@ -346,6 +346,8 @@ def optuna_plots(storage: str, study_name: str, out_dir: Path) -> tuple[list[str
                 continue
             fig = ax.figure
             fig.set_size_inches(7, 4.2)
+            # Optuna lays out for its own size; re-solve so long parameter names and its outside legend fit.
+            fig.set_layout_engine("constrained")
             stems.append(save(fig, out_dir, stem))
             import matplotlib.pyplot as plt
 
