@@ -15,14 +15,14 @@ def register(app: typer.Typer) -> None:
 
 def report(
     study: str = typer.Argument(..., help="Study name (= MLflow experiment name)."),
-    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Study work dir [default: studies-out/STUDY]."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Study work dir (default: studies-out/STUDY)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
-                                               help="MLflow tracking URI [default: sqlite:///WORKDIR/mlflow.db]."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory [default: WORKDIR/report]."),
+                                               help="MLflow tracking URI (default: sqlite:///WORKDIR/mlflow.db)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: WORKDIR/report)."),
     optuna_storage: Optional[str] = typer.Option(None, "--optuna-storage",
                                                  help="Optuna storage URL for the search plots "
-                                                      "[default: as recorded in WORKDIR/study.json, "
-                                                      "else WORKDIR/optuna.db]."),
+                                                      "(default: as recorded in WORKDIR/study.json, "
+                                                      "else WORKDIR/optuna.db)."),
     log: bool = typer.Option(True, "--log/--no-log", help="Log the report to the study's parent MLflow run."),
 ) -> None:
     """Write report.md, report.html, trials.csv, claims.csv and figures/ for STUDY, from MLflow alone."""
