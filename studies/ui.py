@@ -6,6 +6,7 @@ argument lists - never shell strings - so a work dir or storage URL cannot injec
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -29,16 +30,24 @@ class UiServers:
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def stop(self) -> None:
+        # Each server runs in its own process group (it forks workers / a job runner): signal the group.
         for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)  # both shut down cleanly on SIGINT (gunicorn/uvicorn workers too)
-        deadline = time.monotonic() + 10
+            _signal_group(p, signal.SIGINT)  # both shut down cleanly on SIGINT
+        deadline = time.monotonic() + 15
         for p in self.procs:
             try:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                p.kill()
+                _signal_group(p, signal.SIGKILL)
                 p.wait()
+            _signal_group(p, signal.SIGKILL)  # leftovers of a group whose leader already exited
+
+
+def _signal_group(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -92,7 +101,8 @@ def start_ui(workdir: Path, host: str = "127.0.0.1", mlflow_port: int | None = N
     servers = UiServers(f"http://{shown}:{mlflow_port}", f"http://{shown}:{optuna_port}")
     for name, cmd in (("mlflow-ui", mlflow_cmd), ("optuna-dashboard", dash_cmd)):
         log = open(log_dir / f"{name}.log", "ab")
-        servers.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        servers.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                              start_new_session=True))
     try:
         for url, proc, name in ((servers.mlflow_url, servers.procs[0], "mlflow-ui"),
                                 (servers.optuna_url, servers.procs[1], "optuna-dashboard")):

@@ -304,3 +304,12 @@ def test_real_study_two_workers_end_to_end(tmp_path):
         assert {"fid", "fid_n_gen", "oracle_acc", "final_heldout_loss", "train_loss"} <= set(m)
         assert m["fid_n_gen"] == 4 and m["fid"] > 0
     assert "4/4 complete" in result.output
+
+
+@pytest.mark.slow
+def test_journal_storage_relative_to_the_work_dir(tmp_path, fake):
+    wd = tmp_path / "wd"
+    handle = runner.run_study(spec(), workdir=wd, storage="journal:optuna.journal", trial_fn=f"{fake}:ok", log=lambda m: None)
+    assert (wd / "optuna.journal").exists() and not (wd / "optuna.db").exists()
+    assert json.loads((wd / "study.json").read_text())["studies"]["st"]["storage"] == "journal:optuna.journal"
+    assert_exactly_planned(handle)

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import optuna
 import pytest
 
 from diffablate.studies import runner
@@ -90,12 +91,17 @@ def test_ui_serves_both_dashboards_and_stops_on_ctrl_c(tmp_path, study_dir):
         assert len(urls) == 2, "".join(lines)
         assert all(u.startswith("http://127.0.0.1:") for u in urls.values())  # loopback unless --host
 
-        # MLflow: the experiment page lists the study's runs by name (parent "uistudy", children "t000 ...").
-        mlflow_url = f"{urls['MLflow']}/#/experiments/{study_dir.experiment_id}"
-        dom = _dump_dom(tmp_path, mlflow_url, "t000")
-        assert "t000" in dom and "uistudy" in dom, dom[-2000:]
+        # MLflow: the runs page lists the parent run (children are folded under it); a child's own page
+        # shows its name ("t000 <cell> s<seed>"), its cell tag and its final metric.
+        mlflow_url = f"{urls['MLflow']}/#/experiments/{study_dir.experiment_id}/runs"
+        dom = _dump_dom(tmp_path, mlflow_url, "uistudy")
+        assert "uistudy" in dom, dom[-2000:]
         _chromium(tmp_path, f"--screenshot={out / 'mlflow_ui.png'}", mlflow_url)
         assert (out / "mlflow_ui.png").stat().st_size > 5000
+        child = optuna.load_study(study_name="uistudy", storage=study_dir.storage).trials[0].user_attrs["mlflow_run_id"]
+        dom = _dump_dom(tmp_path, f"{mlflow_url}/{child}", "final_heldout_loss")
+        assert re.search(r"t00\d axes\.timestep_sampler=", dom) and "final_heldout_loss" in dom, dom[-2000:]
+        _chromium(tmp_path, f"--screenshot={out / 'mlflow_ui_child_run.png'}", f"{mlflow_url}/{child}")
 
         # optuna-dashboard: the study's trial list shows its trial numbers.
         optuna_url = f"{urls['Optuna dashboard']}/dashboard/studies/1/trials"
