@@ -267,6 +267,11 @@ def _spec_from_dict(raw: Mapping[str, Any]) -> StudySpec:
         extra = _search(design, base, cells, factors)
 
     claims = tuple(_claim(c, i, factors, objective) for i, c in enumerate(_list_of_tables(raw.get("claims", []), "claims")))
+    # A metric the eval config switches off would fail every trial at its very end: refuse it now.
+    for path, metric in [("design.objective", objective)] + [(f"claims[{i}].metric", c.metric) for i, c in enumerate(claims)]:
+        for cell in cells:
+            if not _metric_enabled(metric, cell.cfg):
+                raise SpecError(f"{path}: {metric!r} is not computed with this eval config ({_METRIC_NEEDS[metric][1]})")
     _check(len({c.name for c in claims}) == len(claims), "claims", "names must be unique", [c.name for c in claims])
     runtime = _runtime(raw.get("runtime", {}))
     return StudySpec(name=name, description=description, seeds=tuple(seeds), kind=kind, objective=objective,
@@ -470,6 +475,19 @@ def _param(full: str, pd: Any, p: str, base: RunConfig) -> ParamSpec:
     for k, v in (("low", low), ("high", high)):
         _check_value(full, v, f"{p}.{k}", base)
     return ParamSpec(full, tp, low=low, high=high, log=log, step=step)
+
+
+# metric -> (is it computed for this config?, what it needs): the trial's scoring follows cfg.eval.
+_METRIC_NEEDS: dict[str, tuple[Any, str]] = {
+    "fid": (lambda c: c.eval.fid, "needs eval.fid = true"),
+    "kid": (lambda c: c.eval.kid, "needs eval.kid = true"),
+    "clip_score": (lambda c: c.eval.clip_score, "needs eval.clip_score = true"),
+    "oracle_acc": (lambda c: c.eval.oracle and c.data.name == "shapes", "needs eval.oracle = true and data.name = 'shapes'"),
+}
+
+
+def _metric_enabled(metric: str, cfg: RunConfig) -> bool:
+    return metric not in _METRIC_NEEDS or bool(_METRIC_NEEDS[metric][0](cfg))
 
 
 def _claim(c: Mapping[str, Any], i: int, factors: dict[str, list[Any]], objective: str) -> Claim:

@@ -236,3 +236,11 @@ def test_fuzz_text_raises_only_spec_errors(text):
         parse_spec(text)
     except SpecError:
         pass
+
+
+def test_objective_or_claim_metric_switched_off_in_eval_is_refused():
+    with pytest.raises(SpecError, match=r"^claims\[0\]\.metric: 'fid' is not computed with this eval config \(needs eval\.fid = true\)"):
+        spec_from_dict(_with("eval.fid", False))
+    with pytest.raises(SpecError, match=r"^design\.objective: 'oracle_acc' is not computed.*data\.name = 'shapes'"):
+        spec_from_dict({**_with("design.objective", "oracle_acc"), "claims": [],
+                        "base": {"data": {"name": "folder", "path": "/x", "resolution": 16}}})
