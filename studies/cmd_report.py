@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Optional
 
@@ -33,10 +34,22 @@ def report(
     wd = workdir if workdir is not None else Path("studies-out") / study
     uri = tracking_uri or default_tracking_uri(wd)
     try:
+        relocate(uri)
         result = build_report(study, uri, out if out is not None else wd / "report",
                               optuna_storage=optuna_storage or find_optuna_storage(wd, study), log_to_mlflow=log)
-    except ReportError as e:
+    except (ReportError, OSError, sqlite3.Error) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     verdicts = ", ".join(f"{c}: {v}" for c, v in zip(result.claims["claim"], result.claims["verdict"])) or "no claims"
     typer.echo(f"wrote {result.out_dir} ({len(result.files)} files; {verdicts})")
+
+
+def relocate(tracking_uri: str) -> None:
+    """A work dir copied elsewhere (e.g. back from the GPU machine) still names its old artifact paths in
+    mlflow.db; studies/tracking.py re-points them, as `study` commands do when they open a store. A missing
+    database is left alone (and not created): reports.load names it in its error."""
+    from diffablate.studies import tracking
+
+    db = tracking.sqlite_path(tracking_uri)
+    if db is not None and db.is_file():
+        tracking.relocate_store(db)

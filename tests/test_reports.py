@@ -304,3 +304,24 @@ def test_expected_sign_and_t_interval() -> None:
     mean, lo, hi, n = t_interval([1.0, 2.0, 3.0])
     assert (mean, n) == (2.0, 3) and hi - mean == pytest.approx(4.302653 * 1.0 / 3**0.5, rel=1e-6)  # t(0.975, 2)
     assert np.isnan(t_interval([5.0])[1]) and t_interval([])[3] == 0
+
+
+def test_cli_relocates_a_moved_work_dir(store: tuple[Path, str], tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from diffablate.studies.cmd_report import relocate
+
+    workdir, _ = store
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved, ignore=shutil.ignore_patterns("report"))
+    (moved / ".diffablate-store.json").write_text(json.dumps({"root": str(workdir.resolve())}))
+    hidden = workdir.with_name("hidden-artifacts")
+    (workdir / "mlartifacts").rename(hidden)  # the old location is gone, as on another machine
+    try:
+        uri = default_tracking_uri(moved)
+        relocate(uri)
+        data = load_study(STUDY, uri)
+        assert len(data.claims) == 4 and len(data.timestep_loss) > 0
+    finally:
+        hidden.rename(workdir / "mlartifacts")
