@@ -22,7 +22,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from PIL import Image
 
-from diffablate.reports.stats import LEVEL, t_errorbar, t_interval
+from diffablate.reports.stats import LEVEL, sample_counts, t_errorbar, t_interval
 
 PALETTE = "colorblind"  # seaborn's 10-colour palette, distinguishable under the common colour-vision deficiencies
 VERDICT_COLOURS = dict(zip(["supported", "contradicted", "inconclusive", "secondary"],
@@ -143,7 +143,10 @@ def claim_arms(trials: pd.DataFrame, arms: list[tuple[str, str, pd.Series, pd.Se
             ax.set_xticks([0, 1], [f"baseline\nn={len(per_seed['baseline'])}",
                                    f"variant\nn={len(per_seed['variant'])}"])
             ax.set_xlim(-0.5, 1.6)
-            ax.set_ylabel(metric)
+            counts = sample_counts(trials[(base | var) & done], metric)
+            # The image counts behind an FID travel with it, in the figure as in the tables.
+            ax.set_ylabel(metric + (f"  (n_gen {counts['n_gen']}, n_ref {counts['n_ref']})"
+                                    if counts.get("n_ref") else ""))
             ci = "no CI" if math.isnan(eff["ci_low"]) else f"CI [{eff['ci_low']:.3g}, {eff['ci_high']:.3g}]"
             ax.set_title(f"{textwrap.shorten(claim, 30)}\nΔ = {eff['effect']:.3g}, {ci}\n{eff['verdict']}",
                          fontsize="small", color=VERDICT_COLOURS[eff["verdict"]] if eff["verdict"] != "inconclusive"
