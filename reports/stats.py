@@ -30,7 +30,8 @@ VERDICT_RULE = (
     "claim expects (e.g. lower FID for the arm said to be better); **contradicted** when it excludes 0 on the "
     "opposite side; **inconclusive** otherwise, and always when either arm has fewer than 2 seeds with a value "
     "(no interval can be formed). Wilcoxon's signed-rank test is not used: with n = 3 pairs its smallest "
-    "possible two-sided p is 0.25, so it can never reject."
+    "possible two-sided p is 0.25, so it can never reject. No correction for testing several claims is applied: "
+    "each verdict has a 5 % false-positive rate on its own."
 )
 
 
