@@ -292,11 +292,12 @@ class _SymmetricFID:
     matrix even for a 4 x 2048 input.)
     """
 
-    def __init__(self, ref: ReferenceStats) -> None:
+    def __init__(self, ref: ReferenceStats, device: torch.device | None = None) -> None:
         n = ref.n
-        self.mu = ref.feature_sum / n
+        dev = device if device is not None else torch.device("cpu")  # score_fid passes CUDA when available
+        self.mu = (ref.feature_sum / n).to(dev)
         # torchmetrics' covariance estimator, from the same sums
-        self.cov = (ref.cov_sum - n * torch.outer(self.mu, self.mu)) / (n - 1)
+        self.cov = (ref.cov_sum.to(dev) - n * torch.outer(self.mu, self.mu)) / (n - 1)
         self.trace = float(self.cov.trace())
         self._sqrt_cov: Tensor | None = None  # only needed when n_gen > d; an eigh of d x d costs seconds
 
