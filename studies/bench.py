@@ -60,14 +60,15 @@ class BenchError(RuntimeError):
 
 def bench_config(*, width: int = 64, batch_size: int = 512, resolution: int = 32, device: str = "cuda",
                  n_train: int = 4096, overrides: list[str] | None = None) -> RunConfig:
-    """The benchmarked model: NOTES' "10 M-param 32 px" UNet at width 64 (3 levels (w, 2w, 2w), 2 layers per
-    block, cross-attention at the two inner levels), shapes data, the learned text encoder."""
-    if width % 32:
-        raise ConfigError(f"--model-width: must be a multiple of 32 (GroupNorm groups / head width), got {width}")
+    """The benchmarked model: the claims study's UNet (studies/claims.toml), NOTES' "10 M-param 32 px" model at
+    width 64: 3 levels (w, 2w, 2w), 2 layers per block, cross-attention at the two inner levels, the
+    project's default head width / GroupNorm groups (8); shapes data, the learned text encoder."""
+    if width % 8:
+        raise ConfigError(f"--model-width: must be a multiple of 8 (GroupNorm groups / head width), got {width}")
     cfg = RunConfig().with_overrides({
         "data.resolution": resolution, "data.n_train": n_train,
         "model.block_channels": [width, 2 * width, 2 * width], "model.layers_per_block": 2,
-        "model.attention_levels": [False, True, True], "model.attention_head_dim": 32, "model.norm_num_groups": 32,
+        "model.attention_levels": [False, True, True],
         "train.batch_size": batch_size, "train.warmup_steps": 100, "device": device,
     })
     return cfg.with_overrides(overrides) if overrides else cfg
@@ -361,12 +362,13 @@ def profile_steps(loop: TrainerLoop, steps: int = 10, row_limit: int = 20) -> st
     wall = time.perf_counter() - t0
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=row_limit)
-    events = prof.key_averages()
-    dev_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
-    kernels = sum(e.count for e in events if getattr(e, "device_type", None) is not None
-                  and str(e.device_type).endswith("CUDA") and (getattr(e, "self_device_time_total", 0) or 0) > 0)
-    head = (f"profile: {steps} steps, wall {wall * 1000 / steps:.1f} ms/step, device busy {dev_us / 1000 / steps:.1f} "
-            f"ms/step, ~{kernels / steps:.0f} device kernels/step")
+    # Only the kernel rows (device_type CUDA): an aten op's "self CUDA" time repeats its kernels' time, so
+    # summing every row (as the table's footer does) counts device time twice.
+    kernel_rows = [e for e in prof.key_averages() if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    dev_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in kernel_rows)
+    kernels = sum(e.count for e in kernel_rows)
+    head = (f"profile: {steps} steps, wall {wall * 1000 / steps:.1f} ms/step (profiler on), device busy "
+            f"{dev_us / 1000 / steps:.1f} ms/step, {kernels / steps:.0f} device kernels/step")
     return head + "\n" + table
 
 
@@ -377,8 +379,13 @@ def run_bench(*, device: str = "cuda", batch_size: int = 512, steps: int = 50, w
               reference_precisions: tuple[str, ...] = ("no", "bf16"), curve_steps: int = 0,
               sample_n: int = 0, sample_batch: int = 2048, fid_n: int = 0, fid_batch: int | None = None,
               profile: int = 0, n_train: int = 4096, overrides: list[str] | None = None, command: str = "",
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the benchmark parts asked for and return the result record (see the module docstring)."""
+              log: Callable[[str], None] = print, on_part: Callable[[dict[str, Any]], None] | None = None
+              ) -> dict[str, Any]:
+    """Run the benchmark parts asked for and return the result record (see the module docstring).
+
+    `on_part(record)` is called after each part with the record so far (a device call that may hit its
+    time limit saves partial results this way)."""
+    save = on_part or (lambda rec: None)
     from diffablate.models.trainer import resolve_device
 
     if steps < 1 or warmup < 0:
@@ -409,23 +416,25 @@ def run_bench(*, device: str = "cuda", batch_size: int = 512, steps: int = 50, w
         record["flops_per_step"] = flops
         record["flops_per_image"] = flops / batch_size
         record["loops"] = {r.name: asdict(r) for r in results}
-        base = results[0]
-        record["speedup_vs_" + base.name] = fast.img_per_s / base.img_per_s
-        for r in results[1:-1]:
+        for r in results[:-1]:
             record["speedup_vs_" + r.name] = fast.img_per_s / r.img_per_s
+        base = results[0]
         log(f"speed-up vs {base.name}: {fast.img_per_s / base.img_per_s:.2f}x; "
             f"{flops / batch_size / 1e9:.2f} GFLOP/img (fwd+bwd); MFU fast {fast.mfu:.1%}, {base.name} {base.mfu:.1%} "
             f"({record['peak_note']})")
+        save(record)
         if profile:
             table = profile_steps(loop, profile)
             record["profile_head"] = table.splitlines()[0]
             record["profile_table"] = table
             log(table)
+        save(record)
         if sample_n:
             s = measure_sampling(loop, sample_n, sample_batch, fast=True)
             record["sampling"] = s
             log(f"sampling (DDIM {s['steps']} steps, guidance {s['guidance_scale']}, batch {sample_batch}): "
                 f"{s['img_per_s']:.0f} img/s (warm-up {s['warmup_s']:.0f} s)")
+        save(record)
         del loop
         if fid_n:
             f = measure_fid_features(dev, fid_n, fid_batch)

@@ -23,7 +23,7 @@ def bench_cmd(
     warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed steps per loop before timing."),
     model_width: int = typer.Option(64, "--model-width", help="UNet base width w (levels w, 2w, 2w); 64 = 10 M params."),
     reference: str = typer.Option("no,bf16", "--reference",
-                                  help="Reference-loop precisions to time, comma-separated: no (fp32), bf16, fp16."),
+                                  help="Reference-loop precisions to time, comma-separated: no (fp32), bf16, fp16; none = fast path only."),
     curve_steps: int = typer.Option(0, "--curve-steps", min=0,
                                     help="Also train fp32-eager and fast trainers this many steps and compare loss curves."),
     sample_n: int = typer.Option(0, "--sample-n", min=0, help="Also time sampling of this many images (DDIM 50, guided)."),
@@ -41,10 +41,10 @@ def bench_cmd(
     from diffablate.studies import bench
 
     try:
-        precisions = tuple(p.strip() for p in reference.split(",") if p.strip())
+        precisions = tuple(p.strip() for p in reference.split(",") if p.strip() and p.strip() != "none")
         bad = [p for p in precisions if p not in ("no", "bf16", "fp16")]
-        if bad or not precisions:
-            raise bench.BenchError(f"--reference: expected a comma-separated subset of no,bf16,fp16, got {reference!r}")
+        if bad or not (precisions or reference.strip() == "none"):
+            raise bench.BenchError(f"--reference: expected none or a comma-separated subset of no,bf16,fp16, got {reference!r}")
         record = bench.run_bench(device=device, batch_size=batch_size, steps=steps, warmup=warmup, width=model_width,
                                  reference_precisions=precisions, curve_steps=curve_steps, sample_n=sample_n,
                                  sample_batch=sample_batch, fid_n=fid_n, fid_batch=fid_batch, profile=profile,
