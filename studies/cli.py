@@ -45,3 +45,7 @@ for _module in (cmd_data, cmd_train, cmd_clip, cmd_metrics, cmd_study, cmd_repor
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":  # `python -m diffablate.studies.cli ...` (what the tests and CI use) works like `diffablate`
+    main()
