@@ -246,7 +246,6 @@ def test_interrupted_study_run_requeues_its_trial(tmp_path: Path, fake_env: dict
     assert_study_whole(wd, "sigint", 2)
 
 
-@pytest.mark.slow  # 37-60 s on the loaded 2-core box (MLflow store creation + a study run in-process)
 def test_run_created_but_unrecorded_is_reused_not_duplicated(tmp_path: Path, fake_env: dict[str, str],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker that died between creating a trial's MLflow run and recording its id in Optuna leaves an
