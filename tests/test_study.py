@@ -101,7 +101,8 @@ def mlflow_runs(workdir: Path, name: str):
 
 
 def optuna_trials(handle):
-    study = optuna.load_study(study_name=handle.study_name, storage=handle.storage)
+    # make_storage, not the URL string: optuna.load_study only understands RDB URLs, not journal:<path>.
+    study = optuna.load_study(study_name=handle.study_name, storage=runner.make_storage(handle.storage, None))
     return study.get_trials()
 
 
