@@ -324,9 +324,12 @@ def pg_url() -> Any:
     import socket
     import tempfile
 
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    # Debian keeps the server binaries off PATH, in /usr/lib/postgresql/<version>/bin.
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    initdb, pg_ctl = (shutil.which(n) or next((str(d / n) for d in debian if (d / n).is_file()), None)
+                      for n in ("initdb", "pg_ctl"))
     if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not on PATH")
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed: apt-get install postgresql")
     pytest.importorskip("psycopg2")
     root = Path(tempfile.mkdtemp(prefix="diffablate-pg-"))
     prefix: list[str] = []
