@@ -14,9 +14,7 @@ number here equals plain torchmetrics fed the same uint8 images (tested to 0.1 %
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +24,7 @@ import torch
 from torch import Tensor
 
 from diffablate.metrics.images import MetricsError
-from diffablate.metrics.inception import FeatureExtractor, cache_dir
+from diffablate.metrics.inception import FeatureExtractor, atomic_torch_save, cache_dir
 from diffablate.metrics.stats import percentile_bootstrap
 
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]*")
@@ -73,15 +71,7 @@ class ReferenceStats:
             "feature_sum": self.feature_sum,
             "cov_sum": self.cov_sum,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(payload, fh)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_torch_save(payload, path)
 
     @classmethod
     def load(cls, path: Path) -> ReferenceStats:

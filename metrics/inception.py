@@ -141,16 +141,7 @@ def fid_inception_weights(cache: Path | None = None) -> Path:
     got = state_dict_sha256(state_dict)
     if got != CONVERTED_SHA256:
         raise WeightsError(f"converted FID Inception weights hash {got} != expected {CONVERTED_SHA256}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # tmp file + rename: a concurrent reader (another worker, the test session) sees no file or a whole file
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{CONVERTED_FILENAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state_dict, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(state_dict, path)
     _verified[path] = _stamp(path)
     return path
 
@@ -289,3 +280,16 @@ def _verify_converted(path: Path) -> bool:
         return False
     _verified[path] = _stamp(path)
     return True
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """torch.save via tmp file + rename: a concurrent reader (another worker) sees no file or a whole file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
