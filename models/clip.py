@@ -572,10 +572,10 @@ class ClipTextEncoder(TextEncoder):
         rows = [self._rows[c] for c in captions]
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
-    def forward(self, captions: list[str]) -> TextEmbedding:
-        device = self.text_projection.weight.device
-        ids, mask = self._token_rows(captions)
-        ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._token_rows(captions)
+
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> TextEmbedding:
         with torch.no_grad():
             out = self.text_model(input_ids=ids, attention_mask=mask)
             pooled = self.text_projection(out.pooler_output)

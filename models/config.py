@@ -190,7 +190,7 @@ class PerfConfig:
     channels_last: str = "auto"  # NHWC convs: faster on tensor cores, neutral-to-slower on CPU
     fused_adam: str = "auto"  # one fused AdamW kernel on CUDA
     data_on_device: str = "auto"  # the datasets are small: keep them resident on the GPU
-    cuda_graphs: str = "off"  # opt-in: pays off only for launch-bound small models
+    cuda_graphs: str = "auto"  # "auto" = on for CUDA (not fp16): replays the step, for launch-bound small models
 
     def validate(self, p: str = "perf") -> None:
         _one_of(f"{p}.mixed_precision", self.mixed_precision, ["auto", "no", "bf16", "fp16"])

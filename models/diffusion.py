@@ -102,40 +102,96 @@ class _eval_mode:
             m.train(mode)
 
 
+class _GraphedForward:
+    """The denoiser's forward at one fixed input shape, captured in a CUDA graph on first use and replayed
+    (sampling calls it `steps` times per batch with the same shapes). Inputs are copied into static
+    buffers; the output is a static buffer too, valid until the next call. Why by hand: see
+    models/cuda_graph.py (the training step's graph); here it also spares the per-step kernel launches
+    of the ~1k-kernel UNet forward."""
+
+    WARMUP_ITERS = 2
+
+    def __init__(self, denoiser: torch.nn.Module) -> None:
+        self.denoiser = denoiser
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self, x: Tensor, t: Tensor, text: TextEmbedding) -> Tensor:
+        if self.graph is None:
+            self._capture(x, t, text)
+        else:
+            for dst, src in zip(self.inputs, (x, t, text.tokens, text.mask, text.pooled)):
+                dst.copy_(src, non_blocking=True)
+        assert self.graph is not None
+        self.graph.replay()
+        return self.out
+
+    def _capture(self, x: Tensor, t: Tensor, text: TextEmbedding) -> None:
+        self.inputs = [a.clone() for a in (x, t, text.tokens, text.mask, text.pooled)]
+        x_, t_, tok, mask, pooled = self.inputs
+        static_text = TextEmbedding(tok, mask, pooled)
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP_ITERS):  # cuDNN / cuBLAS / Inductor pick their kernels outside capture
+                self.denoiser(x_, t_, static_text)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.out = self.denoiser(x_, t_, static_text)
+        self.graph = graph
+
+
 @torch.no_grad()
 def generate(denoiser: "Denoiser", text_encoder: "TextEncoder", captions: list[str], *, cfg: "RunConfig",
              sampler: str = "ddim", steps: int = 50, guidance_scale: float = 3.0, generator: torch.Generator,
-             device: torch.device | str, batch_size: int = 256) -> Tensor:
+             device: torch.device | str, batch_size: int = 256, compile: bool = False,
+             cuda_graph: bool = False) -> Tensor:
     """Sample one image per caption with classifier-free guidance; uint8 [N, C, H, W] on the CPU.
 
     Guidance: eps = eps(x, "") + s * (eps(x, caption) - eps(x, "")) (the same mix for v). The
     unconditional pass is skipped when s == 1 or the conditioning ignores the text. All initial noise is
     drawn up front from `generator` (on the generator's device), so with DDIM the images do not depend on
     `batch_size`; with DDPM the step noise also comes from `generator`. Same generator seed, same images.
+
+    Speed (perf.compile / perf.cuda_graphs on CUDA): `compile` runs a torch.compile'd denoiser, `cuda_graph`
+    replays its forward from a CUDA graph. Both need one input shape, so a short last batch is padded with
+    ""-captions and zero noise to `batch_size` rows and the padding discarded: every image depends only on
+    its own row (GroupNorm and attention are per image), so padding changes no image.
     """
     make = SAMPLERS.get(sampler)
     train_scheduler = build_scheduler(cfg.diffusion)
     res, ch = cfg.data.resolution, denoiser.image_channels
     noise = torch.randn(len(captions), ch, res, res, generator=generator, device=generator.device)
     guided = guidance_scale != 1.0 and not denoiser.ignores_text
+    device = torch.device(device)
+    fixed_shape = (compile or cuda_graph) and device.type == "cuda"
+    forward: Callable[..., Tensor] = denoiser
+    if compile and device.type == "cuda":
+        forward = torch.compile(denoiser, dynamic=False)
+    if cuda_graph and device.type == "cuda":
+        forward = _GraphedForward(forward)
     out: list[Tensor] = []
     with _eval_mode(denoiser, text_encoder):
         for start in range(0, len(captions), batch_size):
             batch = list(captions[start:start + batch_size])
             n = len(batch)
+            x = noise[start:start + n].to(device)
+            if fixed_shape and n < batch_size:  # pad to the captured / compiled shape (see the docstring)
+                batch += [""] * (batch_size - n)
+                x = torch.cat([x, x.new_zeros(batch_size - n, *x.shape[1:])])
+            rows = len(batch)
             # Conditional and unconditional rows share one forward pass (one launch sequence on the GPU).
-            text = text_encoder(batch + [""] * n if guided else batch).to(device)
+            text = text_encoder(batch + [""] * rows if guided else batch).to(device)
             scheduler = make(train_scheduler)
             scheduler.set_timesteps(steps, device=device)
-            x = noise[start:start + n].to(device)
             for t in scheduler.timesteps:
-                tt = t.to(device=device, dtype=torch.long).expand(2 * n if guided else n)
-                pred = denoiser(torch.cat([x, x]) if guided else x, tt, text)
+                tt = t.to(device=device, dtype=torch.long).expand(2 * rows if guided else rows)
+                pred = forward(torch.cat([x, x]) if guided else x, tt, text)
                 if guided:
                     cond, uncond = pred.float().chunk(2)
                     pred = uncond + guidance_scale * (cond - uncond)
                 x = scheduler.step(pred.float(), t, x, generator=generator).prev_sample
-            out.append(to_uint8(x).cpu())
+            out.append(to_uint8(x[:n]).cpu())
     return torch.cat(out) if out else torch.zeros(0, ch, res, res, dtype=torch.uint8)
 
 

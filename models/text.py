@@ -1,6 +1,8 @@
 """Text encoders: captions -> token embeddings (for cross-attention) + a pooled vector (for the other routes).
 
-Every encoder has the same interface (`TextEncoder.forward(captions) -> TextEmbedding`) and is built by
+Every encoder has the same interface (`TextEncoder.forward(captions) -> TextEmbedding`, split into a host
+step `tokenize(captions) -> (ids, mask)` and a device step `encode(ids, mask)` so that the device step can be
+captured in a CUDA graph with fixed-shape inputs) and is built by
 name from `TEXT_ENCODERS` with `(cfg, captions)`, `captions` being the train split (the learned encoder
 builds its vocabulary from them). "" is the null caption that classifier-free guidance trains and samples
 with; every encoder must accept it.
@@ -59,8 +61,22 @@ class TextEncoder(nn.Module):
     trainable: bool  # False = frozen (no grads, not in the optimizer)
     max_length: int  # tokens per caption including the special tokens; longer captions are truncated
 
-    def forward(self, captions: list[str]) -> TextEmbedding:  # pragma: no cover - interface
+    def tokenize(self, captions: list[str]) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+        """Host step: (ids long [B, max_length], mask bool [B, max_length]) on the CPU."""
         raise NotImplementedError
+
+    def encode(self, ids: Tensor, mask: Tensor) -> TextEmbedding:  # pragma: no cover - interface
+        """Device step: ids / mask (already on the encoder's device) -> TextEmbedding. No host sync."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, captions: list[str]) -> TextEmbedding:
+        ids, mask = self.tokenize(list(captions))
+        device = self.device
+        return self.encode(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
 
 
 TEXT_ENCODERS: Registry[TextEncoder] = Registry("text encoder")
@@ -190,10 +206,10 @@ class LearnedTextEncoder(TextEncoder):
     def from_config(cls, cfg: "RunConfig", captions: list[str]) -> "LearnedTextEncoder":
         return cls(WordTokenizer.from_captions(captions, cfg.text.max_length), cfg.text.embed_dim, cfg.text.layers)
 
-    def forward(self, captions: list[str]) -> TextEmbedding:
-        device = self.token_emb.weight.device
-        ids, mask = self.tokenizer(list(captions))
-        ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+    def tokenize(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        return self.tokenizer(captions)
+
+    def encode(self, ids: Tensor, mask: Tensor) -> TextEmbedding:
         h = self.token_emb(ids) + self.pos_emb
         if self.transformer is not None:
             h = self.transformer(h, src_key_padding_mask=~mask)

@@ -17,8 +17,9 @@ Fast path (issue 8; `cfg.perf`, each "auto" resolved per device and logged as `p
 autocast, channels_last, fused AdamW, torch.compile of the denoiser (falls back to eager with a warning if
 compiling fails), datasets resident on the device, and no host sync inside a step: losses are summed on
 the device and read once per `train.log_every` steps, which is also where divergence is checked.
-`perf.cuda_graphs = "on"` is validated but not implemented (it raises ConfigError). None of the switches
-changes what is measured: the loss, the sampler's semantics and the random streams are the same.
+and CUDA graphs (models/cuda_graph.py: `device_step` - the step's whole device work - captured once and
+replayed). None of the switches changes what is measured: the loss, the sampler's semantics and the random
+streams are the same.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from diffablate.models import checkpoint as ckpt
-from diffablate.models import diffusion
+from diffablate.models import cuda_graph, diffusion
 from diffablate.models.axes import LOSS_WEIGHTINGS, TIMESTEP_SAMPLERS, TimestepSampler, drop_captions
 from diffablate.models.config import ConfigError, DataConfig, PerfConfig, RunConfig
 from diffablate.models.data import CaptionedImages, build_dataset, to_model_range
@@ -133,7 +134,9 @@ _AUTO: dict[str, Callable[[bool], Any]] = {
     "channels_last": lambda cuda: cuda,
     "fused_adam": lambda cuda: cuda,
     "data_on_device": lambda cuda: True,  # on the CPU "device" and host are the same memory
-    "cuda_graphs": lambda cuda: False,
+    # Graphs need static shapes and no host syncs in the step (true of device_step) and cannot replay
+    # GradScaler's inf checks; on a GPU they remove the launch overhead that dominates small models.
+    "cuda_graphs": lambda cuda: cuda,
 }
 
 
@@ -149,8 +152,13 @@ def resolve_perf(perf: PerfConfig, device: torch.device) -> PerfResolved:
             out[name] = value
         else:
             out[name] = value == "on"
-    if out["cuda_graphs"]:
-        raise ConfigError("perf.cuda_graphs: 'on' is not implemented yet; use 'off' or 'auto'")
+    if out["cuda_graphs"] and not cuda:
+        raise ConfigError(f"perf.cuda_graphs: 'on' needs a CUDA device, the run's device is {device}")
+    if out["cuda_graphs"] and out["mixed_precision"] == "fp16":
+        if perf.cuda_graphs == "on":
+            raise ConfigError("perf.cuda_graphs: 'on' cannot be combined with perf.mixed_precision = 'fp16' "
+                              "(the loss scaler's inf check syncs with the host); use bf16 or cuda_graphs = 'off'")
+        out["cuda_graphs"] = False
     return PerfResolved(**out)
 
 
@@ -211,10 +219,18 @@ class EMA:
         self._ema_buf = list(self.model.buffers())
         self._online_buf = list(model.buffers())
 
+    def weight(self, step: int) -> float:
+        """The interpolation weight (1 - decay) of the update after `step` optimizer steps."""
+        return 1.0 - min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self._ema, self._online, 1.0 - decay)  # one fused kernel, no host sync
+    def update(self, weight: float | Tensor) -> None:
+        """ema <- lerp(ema, online, weight). A device-scalar weight (the CUDA-graph path) goes through the
+        List overload, which runs the same lerp kernel as the float one: identical results."""
+        if isinstance(weight, Tensor):
+            torch._foreach_lerp_(self._ema, self._online, [weight] * len(self._ema))
+        else:
+            torch._foreach_lerp_(self._ema, self._online, weight)  # one fused kernel, no host sync
         for e, b in zip(self._ema_buf, self._online_buf):
             e.copy_(b)
 
@@ -232,11 +248,14 @@ class Meter:
         self.reset()
 
     def reset(self) -> None:
-        self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64, device=self.device)
+        # In place: a captured CUDA graph (perf.cuda_graphs) accumulates into this very tensor.
+        if not hasattr(self, "sums"):
+            self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64, device=self.device)
+        self.sums.zero_()
         self.n = 0
 
     def add(self, *values: Tensor) -> None:
-        self.sums += torch.stack([v.detach().to(torch.float64) for v in values])
+        self.sums.add_(torch.stack([v.detach().to(torch.float64) for v in values]))
         self.n += 1
 
     def read(self) -> dict[str, float]:
@@ -248,7 +267,7 @@ class Meter:
         return {"sums": self.sums.cpu(), "n": self.n}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.sums = sd["sums"].to(self.device)
+        self.sums.copy_(sd["sums"])
         self.n = int(sd["n"])
 
 
@@ -357,6 +376,7 @@ class _Ctx:
     loss_weighting: Callable[[Tensor], Tensor]
     gens: dict[str, torch.Generator]
     meter: Meter
+    graph: "cuda_graph.GraphedTrainStep | None" = None  # perf.cuda_graphs: captured on the first step
     rows: list[dict[str, Any]] = field(default_factory=list)  # timestep_loss.json so far
     last: dict[str, float] = field(default_factory=dict)  # latest train_loss / heldout_loss
     excluded_s: float = 0.0  # eval / sample / checkpoint time inside the current log interval
@@ -449,32 +469,70 @@ def draw_batch(c: "_Ctx", step: int) -> Batch:
 
 def step_losses(c: "_Ctx", batch: Batch) -> tuple[Tensor, Tensor]:
     """(per-example unweighted MSE [B] - what every arm is compared on, the optimised objective)."""
+    ids, mask = _token_ids(c, batch)
+    return device_losses(c, batch.x0, ids, mask, batch.t, batch.w, batch.noise)
+
+
+def _token_ids(c: "_Ctx", batch: Batch) -> tuple[Tensor, Tensor]:
+    ids, mask = c.model.text_encoder.tokenize(batch.captions)
+    return ids.to(c.device, non_blocking=True), mask.to(c.device, non_blocking=True)
+
+
+def device_losses(c: "_Ctx", x0: Tensor, ids: Tensor, mask: Tensor, t: Tensor, w: Tensor,
+                  noise: Tensor) -> tuple[Tensor, Tensor]:
+    """`step_losses` from device tensors (token ids already on the device)."""
     with c.autocast():
-        text = c.model.text_encoder(batch.captions)
-        losses = diffusion.training_losses(c.forward_denoiser, c.scheduler, batch.x0, batch.t, batch.noise, text,
+        text = c.model.text_encoder.encode(ids, mask)
+        losses = diffusion.training_losses(c.forward_denoiser, c.scheduler, x0, t, noise, text,
                                            c.cfg.diffusion.prediction_type).float()
     # Weighting: sampler importance weights x the loss-weighting axis -> the optimised objective.
-    return losses, (losses * batch.w * c.loss_weighting(batch.t)).mean()
+    return losses, (losses * w * c.loss_weighting(t)).mean()
 
 
-def train_step(c: "_Ctx", step: int, batch: Batch, params: list[nn.Parameter]) -> float:
-    """Forward, backward, clip, AdamW, EMA and sampler feedback for step `step` -> the lr used. No host sync."""
-    cfg = c.cfg
-    losses, objective = step_losses(c, batch)
-    # Backward, clip, AdamW with linear LR warm-up (scaler is a pass-through unless fp16).
+def learning_rate(cfg: RunConfig, step: int) -> float:
+    """Linear warm-up to train.lr over train.warmup_steps, then constant."""
+    return cfg.train.lr * min(1.0, (step + 1) / cfg.train.warmup_steps) if cfg.train.warmup_steps else cfg.train.lr
+
+
+def device_step(c: "_Ctx", params: list[nn.Parameter], x0: Tensor, ids: Tensor, mask: Tensor, t: Tensor,
+                w: Tensor, noise: Tensor, *, lr: float | None, ema_weight: float | Tensor) -> Tensor:
+    """The step's device work - forward, backward, clip, AdamW, EMA, log sums - with no host sync, so that
+    perf.cuda_graphs can capture exactly this function (models/cuda_graph.py). -> per-example losses [B].
+
+    `lr=None`: the optimizer's param groups already hold the lr (a device tensor the graph reads)."""
+    losses, objective = device_losses(c, x0, ids, mask, t, w, noise)
+    # Backward, clip, AdamW (scaler is a pass-through unless fp16).
     c.optimizer.zero_grad(set_to_none=True)
     c.scaler.scale(objective).backward()
     c.scaler.unscale_(c.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)  # a tensor: no sync
-    lr = cfg.train.lr * min(1.0, (step + 1) / cfg.train.warmup_steps) if cfg.train.warmup_steps else cfg.train.lr
-    for group in c.optimizer.param_groups:
-        group["lr"] = lr
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, c.cfg.train.grad_clip)  # a tensor: no sync
+    if lr is not None:
+        for group in c.optimizer.param_groups:
+            group["lr"] = lr
     c.scaler.step(c.optimizer)
     c.scaler.update()
-    # EMA, then sampler feedback with the unweighted losses (a no-op for most samplers).
-    c.ema.update(step + 1)
-    c.sampler.update(batch.t, losses.detach())
+    c.ema.update(ema_weight)
     c.meter.add(losses.mean(), objective, grad_norm)
+    return losses
+
+
+def train_step(c: "_Ctx", step: int, batch: Batch, params: list[nn.Parameter]) -> float:
+    """One optimisation step (step `step`, 0-based) on `batch` -> the lr used. No host sync."""
+    lr, ema_weight = learning_rate(c.cfg, step), c.ema.weight(step + 1)
+    losses = None
+    if c.graph is not None:
+        try:
+            losses = c.graph.run(c, step, batch, params, lr, ema_weight)
+        except Exception as e:  # noqa: BLE001 - any capture failure means the same thing: run eager
+            if c.graph.graph is not None:
+                raise  # a replay error is a real error, not a capture limitation
+            cuda_graph.fall_back(c, e)
+    if losses is None:
+        ids, mask = _token_ids(c, batch)
+        losses = device_step(c, params, batch.x0, ids, mask, batch.t, batch.w, batch.noise, lr=lr,
+                             ema_weight=ema_weight)
+    # Sampler feedback with the unweighted losses (a no-op for most samplers; loss-aware reads them now).
+    c.sampler.update(batch.t, losses.detach())
     return lr
 
 
@@ -506,7 +564,8 @@ def _setup(cfg: RunConfig, run_dir: Path, tracker: Tracker, resume: bool) -> _Ct
         model.denoiser.to(memory_format=torch.channels_last)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=(0.9, cfg.train.adam_beta2),
-                                  weight_decay=cfg.train.weight_decay, fused=perf.fused_adam or None)
+                                  weight_decay=cfg.train.weight_decay, fused=perf.fused_adam or None,
+                                  capturable=perf.cuda_graphs)
     scheduler = diffusion.build_scheduler(cfg.diffusion)
     c = _Ctx(
         cfg=cfg, run_dir=run_dir, device=device, perf=perf, tracker=tracker, train=train_ds, train_images=images,
@@ -520,8 +579,11 @@ def _setup(cfg: RunConfig, run_dir: Path, tracker: Tracker, resume: bool) -> _Ct
     torch.manual_seed(stream_seed(cfg.seed, "global"))  # only dropout layers draw from it, if any
     if latest is not None:
         _restore(c, latest)
+    for group in optimizer.param_groups:  # a checkpoint's param groups carry the saving run's flag
+        group["capturable"] = perf.cuda_graphs
     if perf.compile:
         c.forward_denoiser = _compile_or_eager(c)
+    c.graph = cuda_graph.make_graphed_step(c)
     _log_start(c, resumed_from=latest)
     return c
 

@@ -60,7 +60,7 @@ class BenchError(RuntimeError):
 
 def bench_config(*, width: int = 64, batch_size: int = 512, resolution: int = 32, device: str = "cuda",
                  n_train: int = 4096, overrides: list[str] | None = None) -> RunConfig:
-    """The benchmarked model: the claims study's UNet (studies/claims.toml), NOTES' "10 M-param 32 px" model at
+    """The benchmarked model: the full claims study's UNet (studies/claims-full.toml), NOTES' "10 M-param 32 px" model at
     width 64: 3 levels (w, 2w, 2w), 2 layers per block, cross-attention at the two inner levels, the
     project's default head width / GroupNorm groups (8); shapes data, the learned text encoder."""
     if width % 8:
@@ -281,6 +281,7 @@ def measure_trainer(cfg: RunConfig, steps: int, warmup: int, run_dir: Path, name
     res.extra["build_and_compile_s"] = build_s
     res.extra["perf_resolved"] = asdict(loop.ctx.perf)
     res.extra["compiled"] = loop.ctx.forward_denoiser is not loop.ctx.model.denoiser
+    res.extra["graph_captured"] = loop.ctx.graph is not None and loop.ctx.graph.graph is not None
     return res, loop
 
 
@@ -319,18 +320,27 @@ def measure_fid_features(device: torch.device, n: int, batch_size: int | None) -
             "batch_size": batch_size or 0}
 
 
-def compare_curves(cfg: RunConfig, steps: int, run_dir: Path) -> dict[str, Any]:
-    """fp32 eager trainer vs the fast trainer from the same seed: smoothed loss curves' relative difference."""
+def compare_curves(cfg: RunConfig, steps: int, run_dir: Path, variants: dict[str, RunConfig] | None = None,
+                   log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    """The fp32 eager trainer vs each fast variant (default: `cfg`) from the same seed: the smoothed loss
+    curves' relative difference, per variant."""
     fp32 = cfg.with_overrides({"perf.mixed_precision": "no", "perf.compile": "off", "perf.channels_last": "off",
-                               "perf.fused_adam": "off"})
+                               "perf.fused_adam": "off", "perf.cuda_graphs": "off"})
     curves = {}
-    for name, c in (("fp32", fp32), ("fast", cfg)):
+    for name, c in (("fp32", fp32), *(variants or {"fast": cfg}).items()):
         loop = TrainerLoop(c, run_dir / f"curve-{name}")
         for i in range(steps):
             loop.step_recording(i)
         curves[name] = loop.loss_curve()
         del loop
-    return curve_agreement(curves["fp32"], curves["fast"])
+    out = {}
+    for name, curve in curves.items():
+        if name != "fp32":
+            cur = out[name] = curve_agreement(curves["fp32"], curve)
+            log(f"fp32 vs {name} loss curves over {steps} steps (moving average {cur['window']}): max relative "
+                f"difference {cur['max_rel_diff']:.2%}, mean {cur['mean_rel_diff']:.2%}; final {cur['final_fp32']:.4f} "
+                f"vs {cur['final_fast']:.4f}")
+    return out
 
 
 def curve_agreement(ref: Tensor, other: Tensor, window: int = CURVE_SMOOTH) -> dict[str, Any]:
@@ -379,73 +389,88 @@ def run_bench(*, device: str = "cuda", batch_size: int = 512, steps: int = 50, w
               reference_precisions: tuple[str, ...] = ("no", "bf16"), curve_steps: int = 0,
               sample_n: int = 0, sample_batch: int = 2048, fid_n: int = 0, fid_batch: int | None = None,
               profile: int = 0, n_train: int = 4096, overrides: list[str] | None = None, command: str = "",
+              variants: dict[str, list[str]] | None = None,
               log: Callable[[str], None] = print, on_part: Callable[[dict[str, Any]], None] | None = None
               ) -> dict[str, Any]:
     """Run the benchmark parts asked for and return the result record (see the module docstring).
 
-    `on_part(record)` is called after each part with the record so far (a device call that may hit its
-    time limit saves partial results this way)."""
+    `variants` maps a name to extra overrides of the fast path (e.g. {"no-graphs": ["perf.cuda_graphs=off"]});
+    "diffablate" (the defaults) is always measured first. Each variant is timed, its sampling timed when
+    `sample_n`, and its loss curve compared with the fp32 trainer's when `curve_steps`. The profile is of
+    the first variant. `on_part(record)` is called after each part with the record so far (a device call
+    that may hit its time limit saves partial results this way)."""
     save = on_part or (lambda rec: None)
     from diffablate.models.trainer import resolve_device
 
     if steps < 1 or warmup < 0:
         raise BenchError(f"--steps must be >= 1 and --warmup >= 0, got {steps} / {warmup}")
     cfg = bench_config(width=width, batch_size=batch_size, device=device, n_train=n_train, overrides=overrides)
+    variant_cfgs = {"diffablate": cfg}
+    for name, extra in (variants or {}).items():
+        if name in variant_cfgs:
+            raise BenchError(f"--variant: duplicate name {name!r}")
+        variant_cfgs[name] = cfg.with_overrides(extra)  # ConfigError names a bad field before any compute
     dev = resolve_device(cfg.device)
     info = _device_info(dev)
     peak = PEAK_FLOPS.get(info.get("device_name", ""))
     record: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **info, "command": command,
         "config": {"width": width, "block_channels": list(cfg.model.block_channels), "batch_size": batch_size,
-                   "resolution": cfg.data.resolution, "steps": steps, "warmup": warmup, "overrides": overrides or []},
+                   "resolution": cfg.data.resolution, "steps": steps, "warmup": warmup, "overrides": overrides or [],
+                   "variants": {k: list(v) for k, v in (variants or {}).items()}},
         "peak_flops": peak, "peak_note": PEAK_NOTE if peak else "no peak known for this device: MFU not computed",
+        "loops": {}, "sampling": {}, "curves": {},
     }
     with tempfile.TemporaryDirectory(prefix="diffablate-bench-") as tmp:
-        results: list[LoopResult] = []
+        refs: list[LoopResult] = []
         for mp in reference_precisions:
             r = measure_reference(cfg, steps, warmup, mp)
-            results.append(r)
+            refs.append(r)
+            record["loops"][r.name] = asdict(r)
             log(f"{r.name:>16}: {r.img_per_s:9.0f} img/s  {r.step_ms:7.1f} ms/step  peak {r.peak_mem_gib:.2f} GiB")
-        fast, loop = measure_trainer(cfg, steps, warmup, Path(tmp) / "fast")
-        results.append(fast)
-        log(f"{fast.name:>16}: {fast.img_per_s:9.0f} img/s  {fast.step_ms:7.1f} ms/step  peak {fast.peak_mem_gib:.2f} GiB "
-            f"(build + compile + warm-up {fast.warmup_s:.0f} s; perf {fast.extra['perf_resolved']})")
-        flops = flops_per_step(loop)
-        for r in results:
-            add_mfu(r, flops, peak)
-        record["flops_per_step"] = flops
-        record["flops_per_image"] = flops / batch_size
-        record["loops"] = {r.name: asdict(r) for r in results}
-        for r in results[:-1]:
-            record["speedup_vs_" + r.name] = fast.img_per_s / r.img_per_s
-        base = results[0]
-        log(f"speed-up vs {base.name}: {fast.img_per_s / base.img_per_s:.2f}x; "
-            f"{flops / batch_size / 1e9:.2f} GFLOP/img (fwd+bwd); MFU fast {fast.mfu:.1%}, {base.name} {base.mfu:.1%} "
-            f"({record['peak_note']})")
-        save(record)
-        if profile:
-            table = profile_steps(loop, profile)
-            record["profile_head"] = table.splitlines()[0]
-            record["profile_table"] = table
-            log(table)
-        save(record)
-        if sample_n:
-            s = measure_sampling(loop, sample_n, sample_batch, fast=True)
-            record["sampling"] = s
-            log(f"sampling (DDIM {s['steps']} steps, guidance {s['guidance_scale']}, batch {sample_batch}): "
-                f"{s['img_per_s']:.0f} img/s (warm-up {s['warmup_s']:.0f} s)")
-        save(record)
-        del loop
+        flops = None
+        for vi, (name, vcfg) in enumerate(variant_cfgs.items()):
+            fast, loop = measure_trainer(vcfg, steps, warmup, Path(tmp) / name, name=name)
+            if flops is None:
+                flops = flops_per_step(loop)
+                record["flops_per_step"] = flops
+                record["flops_per_image"] = flops / batch_size
+                for r in refs:
+                    add_mfu(r, flops, peak)
+                    record["loops"][r.name] = asdict(r)
+            add_mfu(fast, flops, peak)
+            record["loops"][name] = asdict(fast)
+            log(f"{name:>16}: {fast.img_per_s:9.0f} img/s  {fast.step_ms:7.1f} ms/step  peak {fast.peak_mem_gib:.2f} GiB "
+                f"MFU {fast.mfu:.1%} (build + compile + warm-up {fast.warmup_s:.0f} s; perf {fast.extra['perf_resolved']}"
+                f"{'' if fast.extra.get('graph_captured', True) else '; CUDA graph NOT captured'})")
+            for r in refs:
+                record[f"speedup_vs_{r.name}" + ("" if vi == 0 else f"__{name}")] = fast.img_per_s / r.img_per_s
+            if refs:
+                log(f"{name:>16}: {fast.img_per_s / refs[0].img_per_s:.2f}x {refs[0].name}")
+            save(record)
+            if profile and vi == 0:
+                table = profile_steps(loop, profile)
+                record["profile_head"] = table.splitlines()[0]
+                record["profile_table"] = table
+                log(table)
+                save(record)
+            if sample_n:
+                smp = measure_sampling(loop, sample_n, sample_batch, fast=True)
+                record["sampling"][name] = smp
+                log(f"{name:>16}: sampling (DDIM {smp['steps']} steps, guidance {smp['guidance_scale']}, batch "
+                    f"{smp['batch_size']}): {smp['img_per_s']:.0f} img/s (warm-up {smp['warmup_s']:.0f} s)")
+                save(record)
+            del loop
+        record["flops_note"] = f"{(flops or 0) / batch_size / 1e9:.2f} GFLOP/img (fwd+bwd); {record['peak_note']}"
         if fid_n:
             f = measure_fid_features(dev, fid_n, fid_batch)
             record["fid_features"] = f
-            log(f"FID features (Inception, 299 px): {f['img_per_s']:.0f} img/s")
+            log(f"FID features (Inception, 299 px, batch {f['batch_size'] or 'default'}): {f['img_per_s']:.0f} img/s")
+            save(record)
         if curve_steps:
-            cur = compare_curves(cfg, curve_steps, Path(tmp))
-            record["curves"] = cur
-            log(f"fp32 vs fast loss curves over {curve_steps} steps (moving average {cur['window']}): max relative "
-                f"difference {cur['max_rel_diff']:.2%}, mean {cur['mean_rel_diff']:.2%}; final {cur['final_fp32']:.4f} "
-                f"vs {cur['final_fast']:.4f}")
+            for name, cur in compare_curves(cfg, curve_steps, Path(tmp), variant_cfgs, log=log).items():
+                record["curves"][name] = cur
+            save(record)
     return record
 
 

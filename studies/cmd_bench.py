@@ -33,6 +33,9 @@ def bench_cmd(
     profile: int = typer.Option(0, "--profile", min=0, help="Profile this many fast-path steps (torch.profiler table)."),
     n_train: int = typer.Option(4096, "--n-train", min=1, help="Training images rendered (shapes)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="RunConfig overrides, e.g. --set perf.compile=off"),
+    variant: Optional[list[str]] = typer.Option(None, "--variant",
+                                                help="Also time a fast-path variant NAME:key=value[,key=value...], "
+                                                     "e.g. no-graphs:perf.cuda_graphs=off (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results file to append to (default studies/bench_results.jsonl)."),
     no_save: bool = typer.Option(False, "--no-save", help="Print only; append no result line."),
 ) -> None:
@@ -45,10 +48,13 @@ def bench_cmd(
         bad = [p for p in precisions if p not in ("no", "bf16", "fp16")]
         if bad or not (precisions or reference.strip() == "none"):
             raise bench.BenchError(f"--reference: expected none or a comma-separated subset of no,bf16,fp16, got {reference!r}")
+        variants = parse_variants(variant or [])
+        partial = None if no_save else (out or bench.RESULTS_FILE).with_suffix(".partial.json")
         record = bench.run_bench(device=device, batch_size=batch_size, steps=steps, warmup=warmup, width=model_width,
                                  reference_precisions=precisions, curve_steps=curve_steps, sample_n=sample_n,
                                  sample_batch=sample_batch, fid_n=fid_n, fid_batch=fid_batch, profile=profile,
                                  n_train=n_train, overrides=list(set_ or []), command=bench.command_line(),
+                                 variants=variants, on_part=partial and (lambda rec: _write_partial(partial, rec)),
                                  log=typer.echo)
     except (ConfigError, bench.BenchError) as e:
         typer.echo(f"error: {e}", err=True)
@@ -56,5 +62,30 @@ def bench_cmd(
     if not no_save:
         path = bench.append_result(record, out or bench.RESULTS_FILE)
         typer.echo(f"appended to {path}")
+        if partial is not None:
+            partial.unlink(missing_ok=True)
     summary = {k: record[k] for k in record if k.startswith("speedup_vs_")}
     typer.echo(json.dumps(summary))
+
+
+def parse_variants(items: list[str]) -> dict[str, list[str]]:
+    """["name:k=v,k=v", ...] -> {name: ["k=v", "k=v"]}; BenchError naming --variant on a malformed item."""
+    from diffablate.studies.bench import BenchError
+
+    out: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, rest = item.partition(":")
+        sets = [kv.strip() for kv in rest.split(",") if kv.strip()]
+        if not sep or not name.strip() or not sets or any("=" not in kv for kv in sets):
+            raise BenchError(f"--variant: expected NAME:key=value[,key=value...], got {item!r}")
+        if name.strip() in out or name.strip() == "diffablate":
+            raise BenchError(f"--variant: duplicate or reserved name {name.strip()!r}")
+        out[name.strip()] = sets
+    return out
+
+
+def _write_partial(path: Path, record: dict) -> None:
+    """The record so far, rewritten after each part: a run killed at a time limit still leaves its numbers."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, default=str))
+    tmp.replace(path)

@@ -57,15 +57,20 @@ def test_curve_agreement_measures_relative_difference() -> None:
 def test_bench_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
     record = bench.run_bench(device="cpu", batch_size=4, steps=2, warmup=1, width=32, reference_precisions=("no",),
                              curve_steps=30, sample_n=4, sample_batch=4, profile=2, n_train=16, overrides=TINY,
-                             command="test", log=lambda s: None)
+                             variants={"nhwc": ["perf.channels_last=on"]}, command="test", log=lambda s: None)
     loops = record["loops"]
-    assert set(loops) == {"reference-fp32", "diffablate"}
+    assert set(loops) == {"reference-fp32", "diffablate", "nhwc"}
     assert all(r["img_per_s"] > 0 for r in loops.values())
+    assert loops["nhwc"]["extra"]["perf_resolved"]["channels_last"] is True
     assert record["flops_per_step"] > 0 and record["speedup_vs_reference-fp32"] > 0
-    assert record["sampling"]["img_per_s"] > 0
+    assert record["speedup_vs_reference-fp32__nhwc"] > 0
+    assert set(record["sampling"]) == {"diffablate", "nhwc"}
+    assert all(s["img_per_s"] > 0 for s in record["sampling"].values())
     assert "profile:" in record["profile_table"]
-    # On the CPU "auto" resolves every switch to the fp32 eager path: the two curves are the same run.
-    assert record["curves"]["max_rel_diff"] == 0.0 and record["curves"]["steps"] == 30
+    # On the CPU "auto" resolves every switch to the fp32 eager path: that curve is the same run as fp32's;
+    # channels_last changes only the convolutions' summation order.
+    assert record["curves"]["diffablate"]["max_rel_diff"] == 0.0 and record["curves"]["diffablate"]["steps"] == 30
+    assert record["curves"]["nhwc"]["max_rel_diff"] < 1e-3
     path = bench.append_result(record, tmp_path / "r.jsonl")
     assert json.loads(path.read_text().splitlines()[-1])["command"] == "test"
 
@@ -83,3 +88,8 @@ def test_cli_errors_exit_2_before_compute() -> None:
     assert r.exit_code == 2 and "error: --reference" in r.output
     r = runner.invoke(app, ["bench", "--device", "cpu", "--model-width", "44", "--no-save"])
     assert r.exit_code == 2 and "--model-width" in r.output
+    for bad in ("nocolon", "x:", "x:perf.compile", "diffablate:perf.compile=off"):
+        r = runner.invoke(app, ["bench", "--device", "cpu", "--variant", bad, "--no-save"])
+        assert r.exit_code == 2 and "--variant" in r.output, bad
+    r = runner.invoke(app, ["bench", "--device", "cpu", "--variant", "x:perf.compile=maybe", "--no-save"])
+    assert r.exit_code == 2 and "perf.compile" in r.output

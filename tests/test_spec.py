@@ -187,11 +187,11 @@ def test_file_errors_name_the_file(tmp_path):
         load_spec(bad)
 
 
-@pytest.mark.parametrize("name", ["smoke.toml", "claims.toml", "search.toml"])
+@pytest.mark.parametrize("name", ["smoke.toml", "claims.toml", "claims-full.toml", "search.toml"])
 def test_shipped_specs_are_valid(name):
     spec = load_spec(STUDIES / name)
     assert spec.n_planned >= 2
-    if name == "claims.toml":
+    if name.startswith("claims"):
         assert len(spec.seeds) >= 3 and len(spec.claims) >= 3
     if name == "smoke.toml":
         assert len(spec.cells) >= 2 and len(spec.seeds) >= 2 and spec.base.data.resolution <= 32

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 from PIL import Image
 
 from diffablate.models import diffusion
@@ -165,11 +166,44 @@ def test_divergence_threshold(tmp_path: Path) -> None:
 def test_perf_auto_resolution_and_validation() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert tr.resolve_perf(PerfConfig(), cpu) == tr.PerfResolved("no", False, False, False, True, False)
-    assert tr.resolve_perf(PerfConfig(), cuda) == tr.PerfResolved("bf16", True, True, True, True, False)
+    assert tr.resolve_perf(PerfConfig(), cuda) == tr.PerfResolved("bf16", True, True, True, True, True)
     assert tr.resolve_perf(PerfConfig(compile="off", mixed_precision="no"), cuda).compile is False
-    with pytest.raises(ConfigError, match="perf.cuda_graphs"):
-        tr.resolve_perf(PerfConfig(cuda_graphs="on"), cuda)
+    with pytest.raises(ConfigError, match="perf.cuda_graphs.*CUDA"):
+        tr.resolve_perf(PerfConfig(cuda_graphs="on"), cpu)
+    with pytest.raises(ConfigError, match="perf.cuda_graphs.*fp16"):
+        tr.resolve_perf(PerfConfig(cuda_graphs="on", mixed_precision="fp16"), cuda)
+    # "auto" steps aside for fp16 (the loss scaler syncs with the host) instead of failing.
+    assert tr.resolve_perf(PerfConfig(mixed_precision="fp16"), cuda).cuda_graphs is False
     assert tr.resolve_perf(PerfConfig(), cpu).params()["perf_resolved.data_on_device"] == "True"
+
+
+def test_ema_device_scalar_weight_matches_float_weight() -> None:
+    # The CUDA-graph path updates the EMA with a device-scalar weight (the List overload of
+    # _foreach_lerp_); it must give bit-identical weights to the eager path's float weight.
+    torch.manual_seed(0)
+    online = tr.ModelBundle(nn.Linear(7, 5), nn.Linear(3, 2))
+    a, b = tr.EMA(online, 0.999), tr.EMA(online, 0.999)
+    for step in range(1, 6):
+        with torch.no_grad():
+            for p in online.parameters():
+                p.add_(torch.randn_like(p))
+        w = a.weight(step)
+        a.update(w)
+        b.update(torch.tensor(w, dtype=torch.float32))
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+    assert a.weight(0) == pytest.approx(1 - 1 / 10) and a.weight(10**6) == pytest.approx(1 - 0.999)
+
+
+def test_meter_accumulates_in_place() -> None:
+    # A captured graph holds the address of Meter.sums: reset and load must not replace the tensor.
+    m = tr.Meter(torch.device("cpu"))
+    sums = m.sums
+    m.add(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0))
+    m.load_state_dict(m.state_dict())
+    m.reset()
+    m.add(torch.tensor(4.0), torch.tensor(5.0), torch.tensor(6.0))
+    assert m.sums is sums and m.read() == {"train_loss": 4.0, "train_objective": 5.0, "grad_norm": 6.0}
 
 
 def test_fast_path_switches_do_not_change_what_is_measured(tmp_path: Path) -> None:
