@@ -44,24 +44,31 @@ def run_cmd(
                                           help="Local worker processes (default: one per visible GPU, else 1)."),
     workers_per_gpu: int = typer.Option(1, "--workers-per-gpu", min=1, help="Workers sharing each GPU."),
     new_name: Optional[str] = typer.Option(None, "--new-name", help="Run a changed spec as a new study with this name."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
+                                               help="MLflow store for the parent and every trial run: "
+                                                    "sqlite:////shared/mlflow.db, http://host:5000, postgresql://... "
+                                                    "(default: as recorded for the study, else <workdir>/mlflow.db)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the planned trials, train nothing."),
     trial_fn: Optional[str] = typer.Option(None, "--trial-fn", hidden=True, help="module:function replacing train+eval (tests)."),
 ) -> None:
     """Run (or resume) a study until every planned trial has finished. Run it again to resume; run the same
-    command with the same --storage elsewhere to add workers."""
+    command with the same --storage (and --tracking-uri) elsewhere to add workers."""
     from diffablate.studies import preflight, runner
     from diffablate.studies.spec import load_spec
 
     try:
         spec = load_spec(spec_file)
-        # Everything the spec parser cannot see (data files, FID weights, storage, work dir), checked
-        # before the work dir, the Optuna study or any MLflow run is created.
+        runner.resolve_tracking_uri(tracking_uri)  # its syntax first: the cheapest check
+        # Everything the spec parser cannot see (data files, FID weights, storage, work dir, MLflow store),
+        # checked before the work dir, the Optuna study or any MLflow run is created.
         preflight.check_study(spec, workdir=workdir, storage=storage, new_name=new_name)
+        uri = runner.check_tracking_uri(tracking_uri, connect=not dry_run)
         if dry_run:
             _print_plan(spec)
             return
         handle = runner.run_study(spec, workdir=workdir, storage=storage, new_name=new_name, workers=workers,
-                                  workers_per_gpu=workers_per_gpu, trial_fn=trial_fn, log=typer.echo)
+                                  workers_per_gpu=workers_per_gpu, trial_fn=trial_fn, tracking_uri=uri,
+                                  log=typer.echo)
     except _errors() as e:
         _fail(e)
     _print_status(handle)
@@ -85,12 +92,15 @@ def _print_plan(spec) -> None:  # noqa: ANN001 - StudySpec, imported lazily
 def status_cmd(
     study: str = typer.Argument(..., help="Study name (under studies-out/) or work directory."),
     name: Optional[str] = typer.Option(None, "--study", help="Which study of the work dir (default: its first)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
+                                               help="MLflow store of the study (default: the one `study run` "
+                                                    "recorded in the work dir's study.json)."),
 ) -> None:
     """Trial counts (done/running/failed/pruned) and per-cell best/mean objective values."""
     from diffablate.studies import runner
 
     try:
-        handle = runner.load_handle(runner.resolve_workdir(study), name)
+        handle = runner.load_handle(runner.resolve_workdir(study), name, tracking_uri)
     except _errors() as e:
         _fail(e)
     _print_status(handle)
@@ -106,7 +116,8 @@ def _print_status(handle) -> None:  # noqa: ANN001 - StudyHandle
     spec = handle.spec
     title = (f"{handle.study_name}: {counts['complete']}/{counts['planned']} complete, {counts['running']} running, "
              f"{counts['waiting']} waiting, {counts['fail']} failed, {counts['pruned']} pruned, {counts['retried']} retried")
-    table = Table(title=title, caption=f"objective: {spec.objective} ({spec.direction}); work dir {handle.workdir}")
+    table = Table(title=title, caption=f"objective: {spec.objective} ({spec.direction}); work dir {handle.workdir}; "
+                                       f"MLflow {runner.redact(handle.tracking_uri)}")
     for col in ("cell", "done", "running", "failed", "pruned", "best", "mean"):
         table.add_column(col, justify="left" if col == "cell" else "right")
     fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731

@@ -3,8 +3,8 @@
 How the pieces fit:
 
 - **One work directory per study** (`studies-out/<name>/` or `--workdir`): `optuna.db` (Optuna), `mlflow.db` +
-  `mlartifacts/` (MLflow), `runs/<study>/<planned>/` (checkpoints), `study.json` (which storage and study),
-  `specs/<study>.toml`. Nothing inside stores a path that breaks after `cp -r`: database URLs are rebuilt
+  `mlartifacts/` (MLflow), `runs/<study>/<planned>/` (checkpoints), `study.json` (which storage, MLflow store
+  and study), `specs/<study>.toml`. Nothing inside stores a path that breaks after `cp -r`: database URLs are rebuilt
   from the directory at every start, and MLflow's stored artifact locations are re-pointed when the
   directory has moved (studies/tracking.py `open_tracking`).
 - **Planned trials.** Every trial the design needs is created up front as a WAITING Optuna trial, and
@@ -18,6 +18,12 @@ How the pieces fit:
   that keeps the `grid_id`/params (so GridSampler never duplicates a cell) and the MLflow run id (so the
   retry continues the same child run and, through the trainer's checkpoints, the same training).
   Workers with nothing left to claim wait while other trials run, so a late death is still retried.
+- **MLflow store:** the work dir's own `mlflow.db` unless `--tracking-uri` names a shared one (a SQLite file
+  on a shared disk, an `http://` tracking server, a database). An explicit URI is recorded twice: in
+  `study.json` (so `status` and `ui` of this work dir find it) and as the Optuna study's user attr
+  `mlflow_tracking_uri` (so a worker on another machine that joins through `--storage` logs to the same
+  store even without the flag, and one that names a different store is refused instead of splitting the
+  study's runs between two stores).
 - **Storages:** default SQLite `<workdir>/optuna.db` in WAL mode with a 60 s busy timeout - fine for a
   handful of local workers whose trials last minutes; for many machines use PostgreSQL
   (`postgresql://...`). `journal:<path>` uses Optuna's JournalFileBackend (no heartbeats there: a
@@ -47,6 +53,7 @@ from diffablate.studies.spec import StudySpec, parse_spec
 STUDY_FILE = "study.json"
 DEFAULT_ROOT = Path("studies-out")
 _RETRY_MARK = "retry_history"
+TRACKING_ATTR = "mlflow_tracking_uri"  # Optuna study user attr: the explicit --tracking-uri (absent = work dir store)
 
 
 class StudyError(RuntimeError):
@@ -85,6 +92,50 @@ def storage_url(workdir: Path, storage: str | None) -> str:
         path = Path(storage[len("journal:"):])
         return "journal:" + str(path if path.is_absolute() else (workdir / path).resolve())
     return storage
+
+
+def resolve_tracking_uri(uri: str | None) -> str | None:
+    """`--tracking-uri` as every worker will use it: syntax-checked (StudyError naming the option), a relative
+    SQLite path made absolute (workers and later commands may run elsewhere). None stays None (work dir store)."""
+    from diffablate.studies import tracking
+
+    if uri is None:
+        return None
+    try:
+        tracking.validate_uri(uri)
+    except tracking.TrackingError as e:
+        raise StudyError(str(e)) from None
+    if uri == "sqlite://" or uri.startswith("sqlite:///:memory:"):
+        raise StudyError(f"--tracking-uri {uri!r}: an in-memory store cannot be shared with worker processes; "
+                         f"name a file, e.g. sqlite:////shared/mlflow.db")
+    db = tracking.sqlite_path(uri)
+    if db is not None:
+        query = uri.split("?", 1)[1] if "?" in uri else ""
+        return f"sqlite:///{db}" + (f"?{query}" if query else "")
+    return uri
+
+
+def check_tracking_uri(uri: str | None, *, connect: bool = True) -> str | None:
+    """Everything `study run` can check about `--tracking-uri` before any compute: the syntax, and (connect)
+    one round trip to the store, creating a SQLite file's folder. Returns the resolved URI (None: default)."""
+    from diffablate.studies import tracking
+
+    uri = resolve_tracking_uri(uri)
+    if uri is None:
+        return None
+    db = tracking.sqlite_path(uri)
+    if db is not None and not connect:  # dry run: create nothing, but a file in the way is already an error
+        probe = db.parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise StudyError(f"--tracking-uri {uri!r}: cannot create {db} ({probe} is not a writable directory)")
+    if connect:
+        try:
+            tracking.open_tracking(uri, Path("."), check=True)  # the work dir is not used for an explicit URI
+        except tracking.TrackingError as e:
+            raise StudyError(str(e)) from None
+    return uri
 
 
 def _sqlite_wal(url: str) -> None:
@@ -218,13 +269,18 @@ class StudyHandle:
     study_name: str
     parent_run_id: str
     experiment_id: str
+    tracking_uri: str  # the MLflow store of the parent and child runs (resolved: never None)
 
 
 def prepare_study(spec: StudySpec, workdir: Path | None = None, storage: str | None = None,
-                  new_name: str | None = None) -> StudyHandle:
-    """Create the study (or find it again), its planned trials and the MLflow parent run. No training here."""
+                  new_name: str | None = None, tracking_uri: str | None = None) -> StudyHandle:
+    """Create the study (or find it again), its planned trials and the MLflow parent run. No training here.
+
+    `tracking_uri` None: the store recorded for this study (study.json here, else the Optuna study's
+    `mlflow_tracking_uri` attr when another machine created it with one), else the work dir's `mlflow.db`."""
     if new_name:
         spec = rename_spec(spec, new_name)
+    requested = resolve_tracking_uri(tracking_uri)
     workdir = Path(workdir) if workdir is not None else default_workdir(spec.name)
     workdir.mkdir(parents=True, exist_ok=True)
     url = storage_url(workdir, storage)
@@ -239,6 +295,7 @@ def prepare_study(spec: StudySpec, workdir: Path | None = None, storage: str | N
             raise StudyError(
                 f"study {spec.name!r} in {url} was created from a different spec (hash {old}, this spec {spec.spec_hash}); "
                 f"refusing to mix results. Run it as a new study with --new-name NAME, or use another --workdir.")
+        explicit = _same_tracking(spec.name, study.user_attrs.get(TRACKING_ATTR), requested, workdir, info)
     else:
         study = optuna.create_study(study_name=spec.name, storage=st, direction=spec.direction,
                                     sampler=make_sampler(spec), pruner=make_pruner(spec), load_if_exists=True)
@@ -246,16 +303,37 @@ def prepare_study(spec: StudySpec, workdir: Path | None = None, storage: str | N
             study.set_user_attr("spec_hash", spec.spec_hash)
             study.set_user_attr("kind", spec.kind)
             study.set_user_attr("n_planned", spec.n_planned)
+            if requested:  # absent = each work dir's own store (as before --tracking-uri existed)
+                study.set_user_attr(TRACKING_ATTR, requested)
             _plan_trials(study, spec)
-    # Record where this study lives; the storage URL only when it is not the work dir's own default,
-    # so the directory stays relocatable.
-    info["studies"][spec.name] = {"storage": storage if storage else None, "spec_hash": spec.spec_hash}
+            explicit = requested
+        else:  # another process created it between our listing and create_study
+            explicit = _same_tracking(spec.name, study.user_attrs.get(TRACKING_ATTR), requested, workdir, info)
+    # Record where this study lives; the storage URL and the MLflow store only when they are not the work dir's
+    # own defaults, so the directory stays relocatable.
+    info["studies"][spec.name] = {"storage": storage if storage else None, "spec_hash": spec.spec_hash,
+                                  "tracking_uri": explicit}
     info["default"] = info.get("default", spec.name)
     (workdir / "specs").mkdir(exist_ok=True)
     (workdir / "specs" / f"{spec.name}.toml").write_text(spec.source or "")
     study_file.write_text(json.dumps(info, indent=2))
-    exp_id, parent = ensure_parent_run(spec, workdir)
-    return StudyHandle(spec, workdir, url, spec.name, parent, exp_id)
+    uri = explicit or default_tracking_uri(workdir)
+    exp_id, parent = ensure_parent_run(spec, workdir, uri=uri)
+    return StudyHandle(spec, workdir, url, spec.name, parent, exp_id, uri)
+
+
+def _same_tracking(name: str, in_study: str | None, requested: str | None, workdir: Path,
+                   info: dict[str, Any]) -> str | None:
+    """The explicit MLflow store of an existing study (None: each work dir's own), refusing a different one:
+    a study whose runs are split over two stores has no complete report anywhere."""
+    recorded = in_study if in_study is not None else info["studies"].get(name, {}).get("tracking_uri")
+    if requested is None or requested == recorded or (recorded is None and requested == default_tracking_uri(workdir)):
+        return recorded
+    where = (f"logs its MLflow runs to {redact(recorded)}" if recorded else
+             "was created without --tracking-uri (its MLflow runs are in each work dir's own mlflow.db)")
+    raise StudyError(f"--tracking-uri {redact(requested)!r}: study {name!r} {where}; refusing to split its runs "
+                     f"between two MLflow stores. Use the same --tracking-uri, or run it as a new study with "
+                     f"--new-name NAME.")
 
 
 def rename_spec(spec: StudySpec, name: str) -> StudySpec:
@@ -290,8 +368,9 @@ def _plan_trials(study: optuna.Study, spec: StudySpec) -> None:
     study.add_trials(trials)
 
 
-def load_handle(workdir: Path, name: str | None = None) -> StudyHandle:
-    """Open an existing study of a work directory (for status, resume, ui)."""
+def load_handle(workdir: Path, name: str | None = None, tracking_uri: str | None = None) -> StudyHandle:
+    """Open an existing study of a work directory (for status, resume, ui). `tracking_uri` None: the MLflow
+    store recorded for it in study.json (its `--tracking-uri`, else the work dir's own)."""
     info = read_study_file(workdir)
     name = name or info.get("default")
     if name not in info["studies"]:
@@ -301,44 +380,72 @@ def load_handle(workdir: Path, name: str | None = None) -> StudyHandle:
     if spec.name != name:
         spec = rename_spec(spec, name)
     url = storage_url(workdir, info["studies"][name]["storage"])
-    exp_id, parent = ensure_parent_run(spec, workdir, create=False)
-    return StudyHandle(spec, workdir, url, name, parent, exp_id)
+    uri = resolve_tracking_uri(tracking_uri) or _tracking_of(workdir, info, name)
+    exp_id, parent = ensure_parent_run(spec, workdir, create=False, uri=uri)
+    return StudyHandle(spec, workdir, url, name, parent, exp_id, uri)
 
 
 # --- MLflow parent run --------------------------------------------------------------------------------
 
 
-def open_tracking(workdir: Path) -> Any:
-    """MlflowClient on the work dir's store (studies/tracking.py re-points artifact paths if the dir moved)."""
-    from mlflow.tracking import MlflowClient
-
-    from diffablate.studies import tracking
-
-    uri = tracking.open_tracking(None, workdir, check=False)
-    _sqlite_wal(uri)
-    return MlflowClient(tracking_uri=uri)
-
-
-def tracking_uri(workdir: Path) -> str:
+def default_tracking_uri(workdir: Path) -> str:
+    """The work dir's own MLflow store, `sqlite:///<workdir>/mlflow.db`."""
     from diffablate.studies import tracking
 
     return tracking.default_tracking_uri(workdir)
 
 
-def artifact_root(workdir: Path) -> str:
+def _tracking_of(workdir: Path, info: dict[str, Any], name: str | None) -> str:
+    # The store recorded for study `name`, or (None) the one every study of the work dir shares.
+    recorded = {n: s.get("tracking_uri") for n, s in info.get("studies", {}).items()}
+    uris = {recorded.get(name)} if name is not None else (set(recorded.values()) or {None})
+    if len(uris) > 1:
+        raise StudyError(f"{workdir}: its studies log to {len(uris)} MLflow stores "
+                         f"({sorted(u or 'the work dir store' for u in uris)}); name the study")
+    return uris.pop() or default_tracking_uri(workdir)
+
+
+def tracking_uri(workdir: Path, study: str | None = None) -> str:
+    """The MLflow store of a work dir's study: its recorded `--tracking-uri`, else `<workdir>/mlflow.db`.
+    `study` None: the store all the work dir's studies share (StudyError if they use several)."""
+    info = read_study_file(workdir) if (Path(workdir) / STUDY_FILE).exists() else {}
+    return _tracking_of(Path(workdir), info, study)
+
+
+def open_tracking(workdir: Path, uri: str | None = None) -> Any:
+    """MlflowClient on `uri` (None: `tracking_uri(workdir)`); studies/tracking.py re-points a SQLite store's
+    artifact paths if its directory moved."""
+    from mlflow.tracking import MlflowClient
+
     from diffablate.studies import tracking
 
-    return str(tracking.artifact_root(tracking_uri(workdir), workdir))
+    uri = tracking.open_tracking(uri or tracking_uri(workdir), workdir, check=False)
+    _sqlite_wal(uri)
+    return MlflowClient(tracking_uri=uri)
 
 
-def ensure_parent_run(spec: StudySpec, workdir: Path, *, create: bool = True) -> tuple[str, str]:
-    """(experiment id, parent run id): found again by tag on resume, created only the first time."""
+def artifact_root(workdir: Path, uri: str | None = None) -> str:
+    """Where the MLflow UI of this work dir's store keeps artifacts; StudyError for a tracking server."""
     from diffablate.studies import tracking
 
-    client = open_tracking(workdir)
-    uri = tracking_uri(workdir)
+    uri = uri or tracking_uri(workdir)
+    root = tracking.artifact_root(uri, workdir)
+    if root is None:
+        raise StudyError(f"{workdir}: the study logs to the MLflow tracking server {redact(uri)}; open that server's "
+                         f"own UI instead of serving one here")
+    return str(root)
+
+
+def ensure_parent_run(spec: StudySpec, workdir: Path, *, create: bool = True,
+                      uri: str | None = None) -> tuple[str, str]:
+    """(experiment id, parent run id) in `uri` (None: `tracking_uri(workdir, spec.name)`): found again by tag
+    on resume or on another machine's worker, created only the first time."""
+    from diffablate.studies import tracking
+
+    uri = uri or tracking_uri(workdir, spec.name)
+    client = open_tracking(workdir, uri)
     if not create and client.get_experiment_by_name(spec.name) is None:
-        raise StudyError(f"{workdir}: no MLflow experiment {spec.name!r}")
+        raise StudyError(f"{workdir}: no MLflow experiment {spec.name!r} in {redact(uri)}")
     exp_id = tracking.get_or_create_experiment(uri, spec.name, workdir=workdir, tags={"diffablate.study": spec.name})
     runs = client.search_runs([exp_id], filter_string="tags.`diffablate.role` = 'study'", max_results=5)
     if runs:
@@ -361,7 +468,7 @@ def finish_parent_if_done(handle: StudyHandle) -> bool:
     counts = trial_counts(handle)
     if counts["waiting"] or counts["running"]:
         return False
-    client = open_tracking(handle.workdir)
+    client = open_tracking(handle.workdir, handle.tracking_uri)
     for k in ("complete", "pruned", "fail", "retried"):
         client.log_metric(handle.parent_run_id, f"n_{k}", counts[k])
     client.set_terminated(handle.parent_run_id, "FINISHED")
@@ -383,19 +490,22 @@ class WorkerArgs:
     env: tuple[tuple[str, str], ...] = ()
     threads: int = 0
     poll_s: float = 2.0
+    tracking_uri: str | None = None  # MLflow store (None: as recorded for the study in the work dir)
 
 
 def run_study(spec: StudySpec, *, workdir: Path | None = None, storage: str | None = None, new_name: str | None = None,
               workers: int | None = None, workers_per_gpu: int = 1, trial_fn: str | None = None,
-              log: Callable[[str], None] = print) -> StudyHandle:
-    """Prepare (or resume) the study and run its trials with `workers` local processes; returns when none is left."""
+              tracking_uri: str | None = None, log: Callable[[str], None] = print) -> StudyHandle:
+    """Prepare (or resume) the study and run its trials with `workers` local processes; returns when none is left.
+    `tracking_uri`: the MLflow store of the parent and every child run (None: as recorded, else the work dir's)."""
     quiet_optuna()
-    handle = prepare_study(spec, workdir, storage, new_name)
+    handle = prepare_study(spec, workdir, storage, new_name, tracking_uri)
     plan = placement(workers, workers_per_gpu)
     log(f"study {handle.study_name}: {handle.spec.n_planned} planned trials, {len(plan)} worker(s); "
-        f"work dir {handle.workdir}; storage {_redact(handle.storage)}")
+        f"work dir {handle.workdir}; storage {redact(handle.storage)}; MLflow {redact(handle.tracking_uri)}")
     args = [WorkerArgs(handle.spec.source, "spec", handle.study_name, str(handle.workdir), storage, i, trial_fn,
-                       tuple(env.items()), threads) for i, (env, threads) in enumerate(plan)]
+                       tuple(env.items()), threads, tracking_uri=handle.tracking_uri)
+            for i, (env, threads) in enumerate(plan)]
     if len(args) == 1:
         worker_main(args[0])
     else:
@@ -428,7 +538,8 @@ def quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
+    """The URL with any password (user:pass@) hidden, for logs and errors."""
     # Never print a database password.
     if "://" in url and "@" in url:
         scheme, rest = url.split("://", 1)
@@ -481,7 +592,7 @@ def worker_main(args: WorkerArgs) -> None:
         spec = rename_spec(spec, args.study_name)
     workdir = Path(args.workdir)
     url = storage_url(workdir, args.storage)
-    ctx = trial_mod.TrialContext.open(spec, workdir, trial_fn=args.trial_fn)
+    ctx = _trial_context(spec, workdir, args.trial_fn, args.tracking_uri or tracking_uri(workdir, spec.name))
     storage = make_storage(url, spec, on_stale=ctx.on_stale_trial)
     study = optuna.load_study(study_name=args.study_name, storage=storage, sampler=make_sampler(spec, args.index),
                               pruner=make_pruner(spec))
@@ -504,6 +615,16 @@ def worker_main(args: WorkerArgs) -> None:
                 traceback.print_exc(file=sys.stderr)
                 if storage.get_trial(trial_id).state == TrialState.RUNNING:  # failed before it could tell
                     study.tell(trial, state=TrialState.FAIL)
+
+
+def _trial_context(spec: StudySpec, workdir: Path, trial_fn: str | None, uri: str) -> Any:
+    """`trial.TrialContext.open` with an explicit MLflow store (open() only knows the work dir's)."""
+    from diffablate.studies import trial as trial_mod
+
+    exp_id, parent = ensure_parent_run(spec, workdir, create=False, uri=uri)
+    return trial_mod.TrialContext(spec, workdir, open_tracking(workdir, uri), uri, exp_id, parent,
+                                  trial_mod.load_trial_fn(trial_fn),
+                                  optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=spec.runtime.max_retry))
 
 
 def claim_waiting_trial(study: optuna.Study) -> int | None:

@@ -1,8 +1,16 @@
-"""Shared pytest fixtures. Each room prefixes its fixtures (fid_ for metrics/fid)."""
+"""Shared pytest fixtures. Each room prefixes its fixtures (fid_ for metrics/fid, pg_ for PostgreSQL)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -24,3 +32,78 @@ def fid_extractor(fid_weights: Path):
     from diffablate.metrics.inception import FeatureExtractor
 
     return FeatureExtractor(device="cpu", batch_size=12, weights=None)
+
+
+# --- a throwaway PostgreSQL server ---------------------------------------------------------------------------
+
+
+def pg_binary(name: str) -> str | None:
+    """A PostgreSQL server binary: on PATH, else Debian's /usr/lib/postgresql/<version>/bin (newest first)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (d / name).is_file():
+            return str(d / name)
+    return None
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """One throwaway PostgreSQL cluster per test session: `postgresql+psycopg2://postgres@127.0.0.1:PORT`.
+
+    Debian's initdb/pg_ctl in a temp dir on a free port, trust auth, fsync off; run as the `postgres` user
+    when we are root (PostgreSQL refuses root). Not under pytest's tmp_path: that is 0700 root. Skipped only
+    when the server binaries (or psycopg2) are absent. Tests take a fresh database each from `pg_url`.
+    """
+    initdb, pg_ctl = pg_binary("initdb"), pg_binary("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed: apt-get install postgresql")
+    psycopg2 = pytest.importorskip("psycopg2")
+    root = Path(tempfile.mkdtemp(prefix="diffablate-pg-"))
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+        shutil.chown(sock, "postgres", "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    try:
+        subprocess.run([*prefix, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
+                       check=True, capture_output=True)
+        # max_connections: 8 workers x (Optuna pool + heartbeat thread) plus the test's own connections.
+        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "120", "-o",
+                        f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+                        "start"], check=True, capture_output=True)
+        for _ in range(50):  # -w waits for the socket; give TCP a moment too on a loaded box
+            try:
+                psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres").close()
+                break
+            except psycopg2.OperationalError:
+                time.sleep(0.2)
+        # SQLAlchemy 2.1 maps a plain postgresql:// to psycopg 3; the +psycopg2 driver is the one installed here.
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture()
+def pg_url(pg_server: str) -> str:
+    """A fresh, empty database on the session's PostgreSQL server (its SQLAlchemy URL), so tests never see
+    each other's studies."""
+    import psycopg2
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    host_port = pg_server.rsplit("@", 1)[1]
+    host, port = host_port.rsplit(":", 1)
+    con = psycopg2.connect(host=host, port=int(port), user="postgres", dbname="postgres")
+    try:
+        con.autocommit = True  # CREATE DATABASE cannot run inside a transaction
+        con.cursor().execute(f"CREATE DATABASE {name}")
+    finally:
+        con.close()
+    return f"{pg_server}/{name}"

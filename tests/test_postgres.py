@@ -1,19 +1,12 @@
 """A real PostgreSQL server as the Optuna storage: 4 workers, every planned trial exactly once.
 
-Starts a throwaway cluster with Debian's `initdb`/`pg_ctl` (as the `postgres` user when run as root, since
-PostgreSQL refuses to run as root) in a temp dir on a free port; skipped only when the binaries are absent.
+The server is conftest.py's `pg_server` (a throwaway cluster from Debian's `initdb`/`pg_ctl`, one per session;
+skipped only when the binaries are absent); `pg_url` gives each test its own database.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from collections import Counter
-from pathlib import Path
 
 import optuna
 import pytest
@@ -48,74 +41,19 @@ grace_period = 10
 """
 
 
-def _bin(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (d / name).exists():
-            return str(d / name)
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture()
-def postgres_url():
-    initdb, pg_ctl = _bin("initdb"), _bin("pg_ctl")
-    if not initdb or not pg_ctl:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed: apt-get install postgresql")
-    as_root = os.geteuid() == 0
-    # Not under pytest's tmp_path: that is 0700 root, and the server runs as `postgres`.
-    root = Path(tempfile.mkdtemp(prefix="diffablate-pg-"))
-    data, sock, log = root / "data", root / "sock", root / "server.log"
-    sock.mkdir()
-    prefix: list[str] = []
-    if as_root:
-        shutil.chown(root, "postgres")
-        shutil.chown(sock, "postgres")
-        prefix = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
-    subprocess.run([*prefix, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
-                   check=True, capture_output=True)
-    subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", "60",
-                    "-o", f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-                   check=True, capture_output=True)
-    try:
-        import psycopg2
-
-        for _ in range(50):
-            try:
-                con = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
-                break
-            except psycopg2.OperationalError:
-                time.sleep(0.2)
-        con.autocommit = True
-        con.cursor().execute("CREATE DATABASE optuna")
-        con.close()
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/optuna"
-    finally:
-        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-
-
 @pytest.mark.slow
-def test_four_workers_on_postgres_run_every_planned_trial_exactly_once(tmp_path, postgres_url, monkeypatch):
+def test_four_workers_on_postgres_run_every_planned_trial_exactly_once(tmp_path, pg_url, monkeypatch):
     mod = tmp_path / "mod"
     mod.mkdir()
     (mod / "fake_pg_trials.py").write_text(FAKE)
     monkeypatch.syspath_prepend(str(mod))  # spawned workers inherit sys.path
     spec = parse_spec(SPEC)
     wd = tmp_path / "wd"
-    handle = runner.run_study(spec, workdir=wd, storage=postgres_url, workers=4, trial_fn="fake_pg_trials:ok",
+    handle = runner.run_study(spec, workdir=wd, storage=pg_url, workers=4, trial_fn="fake_pg_trials:ok",
                               log=lambda m: None)
-    assert handle.storage == postgres_url and not (wd / "optuna.db").exists()
+    assert handle.storage == pg_url and not (wd / "optuna.db").exists()
 
-    trials = optuna.load_study(study_name="pg", storage=postgres_url).get_trials()
+    trials = optuna.load_study(study_name="pg", storage=pg_url).get_trials()
     assert len(trials) == spec.n_planned == 8
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert sorted(t.user_attrs["planned"] for t in trials) == list(range(8))

@@ -317,39 +317,7 @@ def test_eight_workers_on_sqlite(tmp_path: Path, fake_env: dict[str, str]) -> No
     assert len(workers) >= 2
 
 
-@pytest.fixture(scope="module")
-def pg_url() -> Any:
-    """A throwaway PostgreSQL server (Debian's initdb/pg_ctl; run as the postgres user when we are root)."""
-    import shutil
-    import socket
-    import tempfile
-
-    # Debian keeps the server binaries off PATH, in /usr/lib/postgresql/<version>/bin.
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
-    initdb, pg_ctl = (shutil.which(n) or next((str(d / n) for d in debian if (d / n).is_file()), None)
-                      for n in ("initdb", "pg_ctl"))
-    if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed: apt-get install postgresql")
-    pytest.importorskip("psycopg2")
-    root = Path(tempfile.mkdtemp(prefix="diffablate-pg-"))
-    prefix: list[str] = []
-    if os.geteuid() == 0:  # postgres refuses to run as root
-        shutil.chown(root, "postgres", "postgres")
-        prefix = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = root / "data"
-    subprocess.run(prefix + [initdb, "-D", str(data), "-U", "postgres", "--auth=trust"], check=True,
-                   capture_output=True)
-    subprocess.run(prefix + [pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-t", "120", "-o",
-                             f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=200", "start"],
-                   check=True, capture_output=True)
-    try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"  # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3
-    finally:
-        subprocess.run(prefix + [pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+# pg_url: a fresh database on conftest.py's throwaway PostgreSQL server (skipped without the binaries).
 
 
 @pytest.mark.slow

@@ -255,6 +255,75 @@ def test_cli_refuses_bad_spec_before_compute(tmp_path):
     assert not (tmp_path / "wd").exists()
 
 
+def _runs_in(uri: str, name: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+    return ([r for r in runs if r.data.tags.get("diffablate.role") == "study"],
+            [r for r in runs if r.data.tags.get("diffablate.role") == "trial"])
+
+
+def test_tracking_uri_sends_parent_and_worker_runs_to_that_store(tmp_path, fake):
+    """`--tracking-uri`: the parent and every worker's child runs land there, none in the work dir's store; the
+    URI is recorded, so a resume and a worker joining from another work dir (another machine) use it unasked,
+    and a different store for the same study is refused."""
+    spec_file = tmp_path / "st.toml"
+    spec_file.write_text(SPEC.format(name="st", kind="factorial", design=FACTORIAL))
+    wd, other = tmp_path / "wd", tmp_path / "other-machine"
+    uri = f"sqlite:///{tmp_path / 'shared' / 'elsewhere.db'}"
+    cli = CliRunner()
+    run = ["study", "run", str(spec_file), "--trial-fn", f"{fake}:ok"]
+    result = cli.invoke(app, [*run, "--workdir", str(wd), "--workers", "2", "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    parents, children = _runs_in(uri, "st")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 8 and {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert parents[0].info.artifact_uri.startswith(str(tmp_path / "shared" / "mlartifacts"))
+    assert not (wd / "mlflow.db").exists()  # the work dir's default store was never opened
+    assert json.loads((wd / "study.json").read_text())["studies"]["st"]["tracking_uri"] == uri
+    assert runner.tracking_uri(wd) == uri
+    assert_exactly_planned(runner.load_handle(wd))  # status / handles find the recorded store
+    status = cli.invoke(app, ["study", "status", str(wd)])
+    assert status.exit_code == 0 and "8/8 complete" in status.output, status.output
+
+    # Resume without the flag, and a worker on "another machine" joining through the shared --storage only.
+    again = cli.invoke(app, [*run, "--workdir", str(wd)])
+    assert again.exit_code == 0, again.output
+    joined = cli.invoke(app, [*run, "--workdir", str(other), "--storage", f"sqlite:///{wd / 'optuna.db'}"])
+    assert joined.exit_code == 0, joined.output
+    assert not (wd / "mlflow.db").exists() and not (other / "mlflow.db").exists()
+    assert runner.tracking_uri(other) == uri
+    parents, children = _runs_in(uri, "st")
+    assert len(parents) == 1 and len(children) == 8
+
+    # A second store for the same study would split its runs: refused, nothing written there.
+    third = f"sqlite:///{tmp_path / 'third.db'}"
+    split = cli.invoke(app, [*run, "--workdir", str(wd), "--tracking-uri", third])
+    assert split.exit_code == 2 and "--tracking-uri" in split.output and "refusing to split" in split.output
+    assert _runs_in(third, "st") == ([], [])
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ("ftp://host/mlflow", "unknown scheme 'ftp'"),
+    ("mlflow.db", "not a URI"),
+    ("sqlite://", "in-memory"),
+    ("sqlite:///{blocker}/mlflow.db", "cannot create or open"),  # a file where the store's folder should be
+    ("http://127.0.0.1:9", "not reachable"),
+])
+def test_bad_tracking_uri_exits_2_before_any_trial(tmp_path, fake, bad, needle):
+    spec_file = tmp_path / "st.toml"
+    spec_file.write_text(SPEC.format(name="st", kind="factorial", design=FACTORIAL))
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    wd = tmp_path / "wd"
+    result = CliRunner().invoke(app, ["study", "run", str(spec_file), "--workdir", str(wd), "--trial-fn",
+                                      f"{fake}:interrupt_third", "--tracking-uri",
+                                      bad.format(blocker=tmp_path / "blocker")])
+    assert result.exit_code == 2, result.output
+    assert "error: --tracking-uri" in result.output and needle in result.output, result.output
+    assert not wd.exists() and not (tmp_path / "counter").exists()  # no work dir, no study, no trial started
+
+
 def test_placement_splits_cpu_threads_and_gpus(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setattr(runner.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
