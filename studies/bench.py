@@ -248,16 +248,27 @@ def _device_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+# Peak memory spans build, warm-up and the timed steps: with perf.cuda_graphs the step's activations
+# live in the graph's private pool, allocated at capture (during warm-up) and never freed afterwards, so
+# a peak over the timed steps alone would miss them (the 2026-11-29 H200 record's 0.42 GiB did).
+
+
+def _device_of(cfg: RunConfig) -> torch.device:
+    from diffablate.models.trainer import resolve_device
+
+    return resolve_device(cfg.device)
+
+
 def measure_reference(cfg: RunConfig, steps: int, warmup: int, mixed_precision: str = "no") -> LoopResult:
-    t0 = time.perf_counter()
-    loop = ReferenceLoop(cfg, mixed_precision)
-    for i in range(warmup):
-        loop.step(i)
-    warm = time.perf_counter() - t0
-    res = LoopResult(f"reference-{'fp32' if mixed_precision == 'no' else mixed_precision}", 0, 0, steps,
-                     cfg.train.batch_size, warm)
     mem: dict[str, float] = {}
-    with _peak_memory(loop.device, mem):
+    with _peak_memory(_device_of(cfg), mem):
+        t0 = time.perf_counter()
+        loop = ReferenceLoop(cfg, mixed_precision)
+        for i in range(warmup):
+            loop.step(i)
+        warm = time.perf_counter() - t0
+        res = LoopResult(f"reference-{'fp32' if mixed_precision == 'no' else mixed_precision}", 0, 0, steps,
+                         cfg.train.batch_size, warm)
         res.img_per_s, res.step_ms = _timed(loop.device, steps, cfg.train.batch_size, loop.step)
     res.peak_mem_gib = mem.get("peak_mem_gib", math.nan)
     res.extra["params_denoiser"] = count_parameters(loop.model.denoiser)
@@ -267,15 +278,15 @@ def measure_reference(cfg: RunConfig, steps: int, warmup: int, mixed_precision: 
 
 
 def measure_trainer(cfg: RunConfig, steps: int, warmup: int, run_dir: Path, name: str = "diffablate") -> tuple[LoopResult, TrainerLoop]:
-    t0 = time.perf_counter()
-    loop = TrainerLoop(cfg, run_dir)
-    build_s = time.perf_counter() - t0
-    for i in range(warmup):
-        loop.step(i)
-    _sync(loop.ctx.device)
-    res = LoopResult(name, 0, 0, steps, cfg.train.batch_size, time.perf_counter() - t0)
     mem: dict[str, float] = {}
-    with _peak_memory(loop.ctx.device, mem):
+    with _peak_memory(_device_of(cfg), mem):
+        t0 = time.perf_counter()
+        loop = TrainerLoop(cfg, run_dir)
+        build_s = time.perf_counter() - t0
+        for i in range(warmup):
+            loop.step(i)
+        _sync(loop.ctx.device)
+        res = LoopResult(name, 0, 0, steps, cfg.train.batch_size, time.perf_counter() - t0)
         res.img_per_s, res.step_ms = _timed(loop.ctx.device, steps, cfg.train.batch_size, loop.step)
     res.peak_mem_gib = mem.get("peak_mem_gib", math.nan)
     res.extra["build_and_compile_s"] = build_s

@@ -25,7 +25,8 @@ Layout (see studies/smoke.toml, claims.toml, search.toml)::
     ...
 
 Designs: `factorial` crosses all factors; `one-at-a-time` takes `[design.baseline]` and changes one
-factor of `[design.variants]` at a time; `search` lets an Optuna sampler (`sampler`, any class of
+factor of `[design.variants]` at a time (a claim's arms are completed with the baseline's values, so each
+names exactly one cell); `search` lets an Optuna sampler (`sampler`, any class of
 `optuna.samplers`) propose `[design.space]` values for `n_trials` trials per cell of the optional
 crossed categorical `[design.axes]`, pruned by `pruner` on the trainer's intermediate `prune_metric`.
 """
@@ -38,7 +39,7 @@ import itertools
 import json
 import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -267,6 +268,17 @@ def _spec_from_dict(raw: Mapping[str, Any]) -> StudySpec:
         extra = _search(design, base, cells, factors)
 
     claims = tuple(_claim(c, i, factors, objective) for i, c in enumerate(_list_of_tables(raw.get("claims", []), "claims")))
+    if kind == "one-at-a-time":
+        # A one-at-a-time claim compares two cells: an arm names the factor it is about and every other
+        # factor stays at the design's baseline, so `baseline = { timestep_sampler = "uniform" }` is the
+        # baseline cell, not every cell that happens to sample uniformly (the time-embedding-off cell too).
+        claims = tuple(replace(c, baseline={**baseline, **c.baseline}, variant={**baseline, **c.variant}) for c in claims)
+    for i, c in enumerate(claims):
+        for side in ("baseline", "variant"):
+            arm = getattr(c, side)
+            n = sum(all(cell.overrides.get(k) == v for k, v in arm.items()) for cell in cells)
+            _check(n >= 1, f"claims[{i}].{side}", "matches no cell of the design (a one-at-a-time design changes one "
+                   "factor at a time from design.baseline)" if kind == "one-at-a-time" else "matches no cell of the design", arm)
     # A metric the eval config switches off would fail every trial at its very end: refuse it now.
     for path, metric in [("design.objective", objective)] + [(f"claims[{i}].metric", c.metric) for i, c in enumerate(claims)]:
         for cell in cells:

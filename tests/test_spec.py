@@ -72,6 +72,20 @@ def test_one_at_a_time_changes_one_factor_at_a_time():
         assert sum(s[k] != settings_[0][k] for k in s) == 1
 
 
+def test_one_at_a_time_claims_name_exactly_one_cell():
+    # An arm names the factor it is about; the other factors stay at the design's baseline. Without this
+    # completion, "baseline = uniform" would pool the baseline cell with the conditioning variants.
+    design = {"kind": "one-at-a-time", "baseline": {"timestep_sampler": "uniform", "conditioning": "cross-attention"},
+              "variants": {"timestep_sampler": ["sequential"], "conditioning": ["pooled"]}}
+    spec = spec_from_dict(_with("design", design))
+    claim = spec.claims_json()[0]
+    assert claim["baseline"] == {"axes.timestep_sampler": "uniform", "axes.conditioning": "cross-attention"}
+    assert claim["variant"] == {"axes.timestep_sampler": "sequential", "axes.conditioning": "cross-attention"}
+    both = _with("claims.0.variant", {"timestep_sampler": "sequential", "conditioning": "pooled"}, base=_with("design", design))
+    with pytest.raises(SpecError, match=r"claims\[0\]\.variant: matches no cell of the design"):
+        spec_from_dict(both)
+
+
 def test_search_spec_parses_space_sampler_and_pruner():
     spec = spec_from_dict({
         "name": "s", "seeds": [0],
