@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from diffablate.metrics.stats import percentile_bootstrap
-from diffablate.models.clip import Clip, rgb, tokenize
+from diffablate.models.clip import Clip, quiet_hf, rgb, tokenize
 
 
 class _FeatureTensors(nn.Module):
@@ -65,7 +65,9 @@ def judge_loader(judge_dir: str | Path) -> Callable[[], tuple[nn.Module, Any]]:
         from transformers import CLIPProcessor
 
         clip = Clip(judge_dir)
-        return _FeatureTensors(clip.model), _TruncatingProcessor(CLIPProcessor.from_pretrained(judge_dir), clip.context)
+        with quiet_hf():
+            processor = CLIPProcessor.from_pretrained(judge_dir)
+        return _FeatureTensors(clip.model), _TruncatingProcessor(processor, clip.context)
 
     return load
 

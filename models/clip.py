@@ -21,6 +21,8 @@ has a larger "base" for GPUs), so a run trained on the GPU reloads on a CPU with
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import fcntl
 import hashlib
@@ -33,7 +35,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -354,12 +356,28 @@ def save_clip(model: Any, tokenizer: Any, image_processor: Any, out_dir: str | P
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    image_processor.save_pretrained(out)  # preprocessor_config.json: what CLIPImageProcessor / older versions read
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    with quiet_hf():
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        image_processor.save_pretrained(out)  # preprocessor_config.json: what CLIPImageProcessor / older versions read
+        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     if meta is not None:
         (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+
+
+@contextlib.contextmanager
+def quiet_hf() -> Iterator[None]:
+    """transformers' per-load "Loading weights" / "Writing model shards" progress bars off for a block (a study
+    worker loads a CLIP per trial: the bars would fill its log), restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 # --- loading and embedding -----------------------------------------------------------------------
@@ -375,9 +393,10 @@ class Clip:
         if not (self.path / "config.json").is_file():
             raise ClipError(f"{self.path}: not a Hugging Face CLIP directory (no config.json)")
         self.device = _resolve_device(device)
-        self.model = CLIPModel.from_pretrained(self.path).to(self.device).eval().requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.image_processor = CLIPImageProcessor.from_pretrained(self.path)
+        with quiet_hf():
+            self.model = CLIPModel.from_pretrained(self.path).to(self.device).eval().requires_grad_(False)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+            self.image_processor = CLIPImageProcessor.from_pretrained(self.path)
         self.context = int(self.model.config.text_config.max_position_embeddings)
 
     @property
@@ -529,11 +548,12 @@ class ClipTextEncoder(TextEncoder):
         path = Path(path)
         if not (path / "config.json").is_file():
             raise ClipError(f"{path}: not a Hugging Face CLIP directory (no config.json)")
-        clip = CLIPModel.from_pretrained(path)
+        with quiet_hf():
+            clip = CLIPModel.from_pretrained(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.path = path
         self.text_model = clip.text_model
         self.text_projection = clip.text_projection
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
         context = int(clip.config.text_config.max_position_embeddings)
         self.max_length = min(max_length or context, context)
         self.dim = int(clip.config.text_config.hidden_size)

@@ -43,6 +43,16 @@ def default_tracking_uri(workdir: Path) -> str:
     return f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
 
 
+def find_tracking_uri(workdir: Path, study: str) -> str:
+    """The study's MLflow store: the `--tracking-uri` recorded in ``<workdir>/study.json`` by `study run`,
+    else the work dir's own ``mlflow.db`` (`default_tracking_uri`)."""
+    try:
+        recorded = json.loads((workdir / "study.json").read_text())["studies"][study].get("tracking_uri")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        recorded = None
+    return str(recorded) if recorded else default_tracking_uri(workdir)
+
+
 def find_optuna_storage(workdir: Path, study: str) -> str | None:
     """The study's Optuna storage: as recorded in ``<workdir>/study.json`` by studies/, else an Optuna SQLite
     file in the work dir; None when there is neither (the search plots are then skipped with a note)."""

@@ -18,7 +18,9 @@ def report(
     study: str = typer.Argument(..., help="Study name (= MLflow experiment name)."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Study work dir (default: studies-out/STUDY)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
-                                               help="MLflow tracking URI (default: sqlite:///WORKDIR/mlflow.db)."),
+                                               help="MLflow tracking URI (default: the --tracking-uri the study "
+                                                    "was run with, as recorded in WORKDIR/study.json, "
+                                                    "else sqlite:///WORKDIR/mlflow.db)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: WORKDIR/report)."),
     optuna_storage: Optional[str] = typer.Option(None, "--optuna-storage",
                                                  help="Optuna storage URL for the search plots "
@@ -28,11 +30,11 @@ def report(
 ) -> None:
     """Write report.md, report.html, trials.csv, claims.csv and figures/ for STUDY, from MLflow alone."""
     # Imported here so `diffablate --help` stays fast (mlflow, seaborn and scipy are heavy imports).
-    from diffablate.reports.build import build_report, default_tracking_uri, find_optuna_storage
+    from diffablate.reports.build import build_report, find_optuna_storage, find_tracking_uri
     from diffablate.reports.load import ReportError
 
     wd = workdir if workdir is not None else Path("studies-out") / study
-    uri = tracking_uri or default_tracking_uri(wd)
+    uri = tracking_uri or find_tracking_uri(wd, study)
     try:
         relocate(uri)
         result = build_report(study, uri, out if out is not None else wd / "report",

@@ -286,6 +286,9 @@ def test_tracking_uri_sends_parent_and_worker_runs_to_that_store(tmp_path, fake)
     assert_exactly_planned(runner.load_handle(wd))  # status / handles find the recorded store
     status = cli.invoke(app, ["study", "status", str(wd)])
     assert status.exit_code == 0 and "8/8 complete" in status.output, status.output
+    report = cli.invoke(app, ["report", "st", "--workdir", str(wd), "--no-log", "--out", str(tmp_path / "rep")])
+    assert report.exit_code == 0, report.output  # the report finds the recorded store unasked
+    assert len((tmp_path / "rep" / "trials.csv").read_text().splitlines()) == 1 + 8
 
     # Resume without the flag, and a worker on "another machine" joining through the shared --storage only.
     again = cli.invoke(app, [*run, "--workdir", str(wd)])
