@@ -592,7 +592,7 @@ def worker_main(args: WorkerArgs) -> None:
         spec = rename_spec(spec, args.study_name)
     workdir = Path(args.workdir)
     url = storage_url(workdir, args.storage)
-    ctx = _trial_context(spec, workdir, args.trial_fn, args.tracking_uri or tracking_uri(workdir, spec.name))
+    ctx = trial_mod.TrialContext.open(spec, workdir, args.trial_fn, args.tracking_uri)
     storage = make_storage(url, spec, on_stale=ctx.on_stale_trial)
     study = optuna.load_study(study_name=args.study_name, storage=storage, sampler=make_sampler(spec, args.index),
                               pruner=make_pruner(spec))
@@ -615,16 +615,6 @@ def worker_main(args: WorkerArgs) -> None:
                 traceback.print_exc(file=sys.stderr)
                 if storage.get_trial(trial_id).state == TrialState.RUNNING:  # failed before it could tell
                     study.tell(trial, state=TrialState.FAIL)
-
-
-def _trial_context(spec: StudySpec, workdir: Path, trial_fn: str | None, uri: str) -> Any:
-    """`trial.TrialContext.open` with an explicit MLflow store (open() only knows the work dir's)."""
-    from diffablate.studies import trial as trial_mod
-
-    exp_id, parent = ensure_parent_run(spec, workdir, create=False, uri=uri)
-    return trial_mod.TrialContext(spec, workdir, open_tracking(workdir, uri), uri, exp_id, parent,
-                                  trial_mod.load_trial_fn(trial_fn),
-                                  optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=spec.runtime.max_retry))
 
 
 def claim_waiting_trial(study: optuna.Study) -> int | None:

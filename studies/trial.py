@@ -98,12 +98,15 @@ class TrialContext:
     retry: optuna.storages.RetryHeartbeatStaleTrialCallback = field(repr=False, default=None)  # type: ignore[assignment]
 
     @classmethod
-    def open(cls, spec: StudySpec, workdir: Path, trial_fn: str | None = None) -> "TrialContext":
+    def open(cls, spec: StudySpec, workdir: Path, trial_fn: str | None = None,
+             uri: str | None = None) -> "TrialContext":
+        """The worker's context; `uri` is the study's MLflow store (None: the one recorded for the work dir)."""
         from diffablate.studies.runner import ensure_parent_run, open_tracking, tracking_uri
 
-        client = open_tracking(workdir)
-        exp_id, parent = ensure_parent_run(spec, workdir, create=False)
-        return cls(spec, workdir, client, tracking_uri(workdir), exp_id, parent, load_trial_fn(trial_fn),
+        uri = uri or tracking_uri(workdir, spec.name)
+        client = open_tracking(workdir, uri)
+        exp_id, parent = ensure_parent_run(spec, workdir, create=False, uri=uri)
+        return cls(spec, workdir, client, uri, exp_id, parent, load_trial_fn(trial_fn),
                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=spec.runtime.max_retry))
 
     def run_dir(self, planned: int) -> Path:

@@ -97,8 +97,11 @@ def _env(tmp: Path, **extra: str) -> dict[str, str]:
 
 def _cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     # Own session: the test can kill the whole `study run` process group like a lost terminal would.
+    # SIGINT back to its default: a test run started in the background (`pytest &`) inherits SIGINT ignored,
+    # and Python then never turns Ctrl-C into KeyboardInterrupt - the Ctrl-C tests would test nothing.
     return subprocess.Popen([sys.executable, "-c", "from diffablate.studies.cli import main; main()", *args],
-                            env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+                            env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_marks(marks: Path, prefix: str, n: int, proc: subprocess.Popen, log: Path, timeout: float = 300) -> list[Path]:

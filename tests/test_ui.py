@@ -75,7 +75,8 @@ def test_ui_serves_both_dashboards_and_stops_on_ctrl_c(tmp_path, study_dir):
     out.mkdir(parents=True, exist_ok=True)
     exe = Path(sys.executable).parent / "diffablate"
     proc = subprocess.Popen([str(exe), "ui", str(study_dir.workdir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # see test_reliability._cli
     urls: dict[str, str] = {}
     lines: list[str] = []
     try:
