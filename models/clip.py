@@ -22,7 +22,6 @@ has a larger "base" for GPUs), so a run trained on the GPU reloads on a CPU with
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import fcntl
 import hashlib

@@ -73,10 +73,14 @@ class TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def forward(self, captions: list[str]) -> TextEmbedding:
+    def device_tokens(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """`tokenize`, moved to the encoder's device: what `encode` takes."""
         ids, mask = self.tokenize(list(captions))
         device = self.device
-        return self.encode(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+        return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+
+    def forward(self, captions: list[str]) -> TextEmbedding:
+        return self.encode(*self.device_tokens(captions))
 
 
 TEXT_ENCODERS: Registry[TextEncoder] = Registry("text encoder")

@@ -16,9 +16,8 @@ every device, and reading them on the host needs no GPU sync.
 Fast path (issue 8; `cfg.perf`, each "auto" resolved per device and logged as `perf_resolved.*`): bf16
 autocast, channels_last, fused AdamW, torch.compile of the denoiser (falls back to eager with a warning if
 compiling fails), datasets resident on the device, and no host sync inside a step: losses are summed on
-the device and read once per `train.log_every` steps, which is also where divergence is checked.
-and CUDA graphs (models/cuda_graph.py: `device_step` - the step's whole device work - captured once and
-replayed). None of the switches changes what is measured: the loss, the sampler's semantics and the random
+the device and read once per `train.log_every` steps, which is also where divergence is checked; and CUDA
+graphs (models/cuda_graph.py: `device_step` - the step's whole device work - captured once and replayed). None of the switches changes what is measured: the loss, the sampler's semantics and the random
 streams are the same.
 """
 
@@ -469,13 +468,8 @@ def draw_batch(c: "_Ctx", step: int) -> Batch:
 
 def step_losses(c: "_Ctx", batch: Batch) -> tuple[Tensor, Tensor]:
     """(per-example unweighted MSE [B] - what every arm is compared on, the optimised objective)."""
-    ids, mask = _token_ids(c, batch)
+    ids, mask = c.model.text_encoder.device_tokens(batch.captions)
     return device_losses(c, batch.x0, ids, mask, batch.t, batch.w, batch.noise)
-
-
-def _token_ids(c: "_Ctx", batch: Batch) -> tuple[Tensor, Tensor]:
-    ids, mask = c.model.text_encoder.tokenize(batch.captions)
-    return ids.to(c.device, non_blocking=True), mask.to(c.device, non_blocking=True)
 
 
 def device_losses(c: "_Ctx", x0: Tensor, ids: Tensor, mask: Tensor, t: Tensor, w: Tensor,
@@ -528,7 +522,7 @@ def train_step(c: "_Ctx", step: int, batch: Batch, params: list[nn.Parameter]) -
                 raise  # a replay error is a real error, not a capture limitation
             cuda_graph.fall_back(c, e)
     if losses is None:
-        ids, mask = _token_ids(c, batch)
+        ids, mask = c.model.text_encoder.device_tokens(batch.captions)
         losses = device_step(c, params, batch.x0, ids, mask, batch.t, batch.w, batch.noise, lr=lr,
                              ema_weight=ema_weight)
     # Sampler feedback with the unweighted losses (a no-op for most samplers; loss-aware reads them now).

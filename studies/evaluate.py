@@ -12,9 +12,8 @@ Backs both a study trial's final metrics and `diffablate eval RUN --n N`. Design
 
 from __future__ import annotations
 
-import math
-
 import hashlib
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -52,8 +51,8 @@ def generate_samples(trained: Any, cfg: RunConfig, captions: list[str], device: 
     """uint8 [N, C, H, W] images for `captions` with the eval sampler settings and the fixed noise seed.
 
     Runs under the run's resolved `perf.mixed_precision` (bf16 autocast on CUDA by default, as in
-    training; fp32 on the CPU), `perf.compile` and `perf.cuda_graphs` (see `diffusion.generate`). The initial noise is drawn up front, so the batch size never changes
-    the images.
+    training; fp32 on the CPU), `perf.compile` and `perf.cuda_graphs` (see `diffusion.generate`). The initial
+    noise is drawn up front, so the batch size never changes the images.
     """
     from diffablate.models.diffusion import generate
     from diffablate.models.trainer import resolve_perf
