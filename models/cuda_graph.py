@@ -25,7 +25,7 @@ state the graph reads.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from diffablate.models.trainer import Batch, _Ctx
 
+T = TypeVar("T")
 WARMUP_ITERS = 3  # the notes' recommendation; also lets cuDNN / Inductor pick their kernels before capture
 
 
@@ -109,17 +110,8 @@ class GraphedTrainStep:
         """Warm up on a side stream, capture one step, restore every mutated tensor. Raises on failure."""
         snapshot = Snapshot(c)
         try:
-            side = torch.cuda.Stream(c.device)
-            side.wait_stream(torch.cuda.current_stream(c.device))
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_ITERS):
-                    self._device_step(c, params)
-            torch.cuda.current_stream(c.device).wait_stream(side)
-            c.optimizer.zero_grad(set_to_none=True)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.losses = self._device_step(c, params)
-            self.graph = graph
+            self.graph, self.losses = capture(lambda: self._device_step(c, params), c.device, WARMUP_ITERS,
+                                              before_capture=lambda: c.optimizer.zero_grad(set_to_none=True))
         finally:
             torch.cuda.synchronize(c.device)
             snapshot.restore(c)
@@ -134,6 +126,26 @@ class GraphedTrainStep:
         self.graph.replay()
         c.meter.n += 1  # the sums are accumulated inside the graph; the count lives on the host
         return self.losses
+
+
+def capture(fn: Callable[[], T], device: torch.device, warmup_iters: int,
+            before_capture: Callable[[], None] | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
+    """The PyTorch CUDA-graphs notes' recipe, shared by the training step and sampling (models/diffusion.py):
+    `warmup_iters` calls of `fn` on a side stream (cuBLAS workspaces, lazily created state, cuDNN / Inductor
+    kernel choice happen outside the capture), then one captured call -> (graph, what that call returned:
+    static tensors the replays overwrite)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup_iters):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    if before_capture is not None:
+        before_capture()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 def make_graphed_step(c: "_Ctx") -> GraphedTrainStep | None:

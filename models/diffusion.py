@@ -14,6 +14,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin
 from torch import Tensor
 
+from diffablate.models import cuda_graph
 from diffablate.models.config import ConfigError, DiffusionConfig
 from diffablate.models.data import to_uint8
 from diffablate.models.registry import Registry
@@ -129,16 +130,8 @@ class _GraphedForward:
         self.inputs = [a.clone() for a in (x, t, text.tokens, text.mask, text.pooled)]
         x_, t_, tok, mask, pooled = self.inputs
         static_text = TextEmbedding(tok, mask, pooled)
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.WARMUP_ITERS):  # cuDNN / cuBLAS / Inductor pick their kernels outside capture
-                self.denoiser(x_, t_, static_text)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.out = self.denoiser(x_, t_, static_text)
-        self.graph = graph
+        self.graph, self.out = cuda_graph.capture(lambda: self.denoiser(x_, t_, static_text), x.device,
+                                                  self.WARMUP_ITERS)
 
 
 @torch.no_grad()
