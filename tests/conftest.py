@@ -10,7 +10,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -107,3 +107,18 @@ def pg_url(pg_server: str) -> str:
     finally:
         con.close()
     return f"{pg_server}/{name}"
+
+
+@pytest.fixture()
+def trial_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str, str], str]:
+    """`trial_module(name, source)` writes a fake trial module (a `--trial-fn` / `trial_fn` target) and puts its
+    folder on sys.path, which spawned study workers inherit; returns `name`."""
+    folder = tmp_path / "trial_modules"
+
+    def make(name: str, source: str) -> str:
+        folder.mkdir(exist_ok=True)
+        (folder / f"{name}.py").write_text(source)
+        monkeypatch.syspath_prepend(str(folder))
+        return name
+
+    return make

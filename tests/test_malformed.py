@@ -329,11 +329,10 @@ def _snapshot(wd: Path) -> dict[str, Any]:
             "spec": (wd / "specs" / "mal.toml").read_text(), "study": (wd / "study.json").read_text()}
 
 
-def test_refused_respecs_leave_existing_study_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refused_respecs_leave_existing_study_untouched(tmp_path: Path, trial_module) -> None:
     """A finished study, then: the same name with a changed spec, a bad axis value, a bad seed - each refused,
     and the Optuna trials, MLflow runs, stored spec and study.json are byte-for-byte what they were."""
-    (tmp_path / "fake_trials_mal.py").write_text(FAKE_TRIAL)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    trial_module("fake_trials_mal", FAKE_TRIAL)
     spec = _write(tmp_path, BASE)
     wd = tmp_path / "wd"
     code, out = _invoke(["study", "run", str(spec), "--workdir", str(wd), "--workers", "1",

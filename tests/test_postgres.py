@@ -42,11 +42,8 @@ grace_period = 10
 
 
 @pytest.mark.slow
-def test_four_workers_on_postgres_run_every_planned_trial_exactly_once(tmp_path, pg_url, monkeypatch):
-    mod = tmp_path / "mod"
-    mod.mkdir()
-    (mod / "fake_pg_trials.py").write_text(FAKE)
-    monkeypatch.syspath_prepend(str(mod))  # spawned workers inherit sys.path
+def test_four_workers_on_postgres_run_every_planned_trial_exactly_once(tmp_path, pg_url, trial_module):
+    trial_module("fake_pg_trials", FAKE)
     spec = parse_spec(SPEC)
     wd = tmp_path / "wd"
     handle = runner.run_study(spec, workdir=wd, storage=pg_url, workers=4, trial_fn="fake_pg_trials:ok",

@@ -80,14 +80,10 @@ ONE_AT_A_TIME = ('baseline = { timestep_sampler = "uniform", conditioning = "cro
 
 
 @pytest.fixture()
-def fake(tmp_path, monkeypatch):
+def fake(tmp_path, monkeypatch, trial_module):
     """The fake trial module, importable here and in spawned workers (they inherit sys.path)."""
-    d = tmp_path / "fakemod"
-    d.mkdir()
-    (d / "fake_trials_mod.py").write_text(FAKE)
-    monkeypatch.syspath_prepend(str(d))
     monkeypatch.setenv("FAKE_COUNTER", str(tmp_path / "counter"))
-    return "fake_trials_mod"
+    return trial_module("fake_trials_mod", FAKE)
 
 
 def spec(name="st", kind="factorial", design=FACTORIAL):

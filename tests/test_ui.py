@@ -60,11 +60,8 @@ def _port_closed(url: str) -> bool:
 
 
 @pytest.fixture()
-def study_dir(tmp_path, monkeypatch):
-    mod = tmp_path / "mod"
-    mod.mkdir()
-    (mod / "fake_ui_trials.py").write_text(FAKE)
-    monkeypatch.syspath_prepend(str(mod))
+def study_dir(tmp_path, trial_module):
+    trial_module("fake_ui_trials", FAKE)
     handle = runner.run_study(parse_spec(SPEC), workdir=tmp_path / "wd", trial_fn="fake_ui_trials:ok", log=lambda m: None)
     return handle
 
