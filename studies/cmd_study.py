@@ -78,7 +78,7 @@ def _print_plan(spec) -> None:  # noqa: ANN001 - StudySpec, imported lazily
     from rich.console import Console
     from rich.table import Table
 
-    per_cell = spec.n_trials if spec.kind == "search" else len(spec.seeds)
+    per_cell = spec.design.n_per_cell(spec)
     table = Table(title=f"{spec.name}: {spec.kind}, {len(spec.cells)} cells x {per_cell} = {spec.n_planned} trials "
                         f"(spec {spec.spec_hash})")
     table.add_column("#", justify="right")

@@ -203,59 +203,15 @@ def _sqlite_begin_immediate(engine: Any) -> None:
     engine.dispose()  # drop connections opened (schema check) before the hooks existed
 
 
-# --- samplers -----------------------------------------------------------------------------------------
-
-
-class PlannedGridSampler(optuna.samplers.GridSampler):
-    """GridSampler whose trials are all created up front (see the module docstring).
-
-    `after_trial` is a no-op: GridSampler would call `study.stop()` once the grid is exhausted, which
-    raises outside `study.optimize`; here the end of the study is simply "no WAITING trial left".
-    """
-
-    def after_trial(self, study: optuna.Study, trial: Any, state: TrialState, values: Any) -> None:
-        pass
-
-    @property
-    def n_grids(self) -> int:
-        return len(self._all_grids)
-
-
-def _grid_value(v: Any) -> Any:
-    # Optuna persists grid values as JSON scalars; list-valued factors (block_channels) go in as JSON text.
-    return json.dumps(v) if isinstance(v, (list, dict)) else v
-
-
-def grid_space(spec: StudySpec) -> dict[str, list[Any]]:
-    """The GridSampler search space: factorial = factors x seed; one-at-a-time = cell index x seed."""
-    if spec.kind == "factorial":
-        space = {k: [_grid_value(v) for v in vals] for k, vals in spec.factors.items()}
-    else:
-        space = {"cell": list(range(len(spec.cells)))}
-    return {**space, "seed": list(spec.seeds)}
+# --- Optuna sampler and pruner: the design's (studies/designs.py) ----------------------------------------
 
 
 def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSampler:
-    if spec.kind in ("factorial", "one-at-a-time"):
-        return PlannedGridSampler(grid_space(spec), seed=0)  # same seed everywhere: grid ids must agree
-    cls = getattr(optuna.samplers, spec.sampler)
-    args = dict(spec.sampler_args)
-    if "seed" in _init_params(cls):
-        # Each worker gets its own stream, else parallel workers propose identical points.
-        args["seed"] = args.get("seed", spec.seeds[0]) + 1000 * worker
-    return cls(**args)
+    return spec.design.make_sampler(spec, worker)
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    if spec.kind != "search":
-        return optuna.pruners.NopPruner()
-    return getattr(optuna.pruners, spec.pruner)(**spec.pruner_args)
-
-
-def _init_params(cls: type) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(cls.__init__).parameters)
+    return spec.design.make_pruner(spec)
 
 
 # --- study creation / resume --------------------------------------------------------------------------
@@ -348,24 +304,8 @@ def rename_spec(spec: StudySpec, name: str) -> StudySpec:
 
 
 def _plan_trials(study: optuna.Study, spec: StudySpec) -> None:
-    """Create every planned trial as WAITING (see the module docstring)."""
-    trials = []
-    if spec.kind in ("factorial", "one-at-a-time"):
-        sampler = make_sampler(spec)
-        assert isinstance(sampler, PlannedGridSampler)
-        space = sampler._search_space  # the sorted space GridSampler compares retried trials against
-        for grid_id in range(sampler.n_grids):
-            trials.append(optuna.create_trial(state=TrialState.WAITING, user_attrs={"planned": grid_id},
-                                              system_attrs={"grid_id": grid_id, "search_space": space}))
-    else:
-        i = 0
-        for cell in spec.cells:
-            for j in range(spec.n_trials):
-                fixed = {"cell": cell.index, "seed": spec.seeds[j % len(spec.seeds)]}
-                trials.append(optuna.create_trial(state=TrialState.WAITING, user_attrs={"planned": i},
-                                                  system_attrs={"fixed_params": fixed}))
-                i += 1
-    study.add_trials(trials)
+    """Create every planned trial as WAITING (see the module docstring); the design says which."""
+    study.add_trials(spec.design.plan(spec))
 
 
 def load_handle(workdir: Path, name: str | None = None, tracking_uri: str | None = None) -> StudyHandle:
@@ -459,7 +399,10 @@ def ensure_parent_run(spec: StudySpec, workdir: Path, *, create: bool = True,
     }, workdir=workdir)
     client.log_text(run_id, spec.source or json.dumps(spec.raw, indent=2), "study_spec.toml")
     client.log_dict(run_id, spec.claims_json(), "claims.json")
+    client.log_dict(run_id, spec.panel_json(), "panel.json")
     client.log_param(run_id, "n_planned", spec.n_planned)
+    if spec.budgets:
+        client.log_param(run_id, "budgets", json.dumps(list(spec.budgets)))
     return exp_id, run_id
 
 

@@ -16,7 +16,6 @@ Optuna keeps the reason as the trial user attr `fail_reason` and the MLflow run 
 from __future__ import annotations
 
 import importlib
-import json
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -44,22 +43,38 @@ class TrialRun:
     on_eval: Callable[[int, Mapping[str, float]], None]
     trial_number: int
     attempt: int  # 0 for the first try, n for the n-th retry after a lost worker
+    milestones: tuple[int, ...] = ()  # steps at which the design scores the model (learning curves)
 
 
 TrialFn = Callable[[TrialRun], Mapping[str, float]]
 
 
 def train_and_evaluate(run: TrialRun) -> dict[str, float]:
-    """The default trial function: `models.trainer.train` then `studies.evaluate.evaluate_run`."""
-    from diffablate.models.trainer import train
-    from diffablate.studies.evaluate import evaluate_run
+    """The default trial function: `models.trainer.train`, then the sampling panel (`studies.evaluate`).
 
-    result = train(run.cfg, run.run_dir, tracker=run.tracker, resume=True, progress=False, on_eval=run.on_eval)
+    With `run.milestones` (a learning curve) the panel scores the EMA model at every milestone, logged at
+    step = milestone; the last milestone's scores are the trial's final metrics.
+    """
+    from diffablate.models.trainer import train
+    from diffablate.studies.evaluate import evaluate_run, evaluate_trained
+
+    latest: dict[str, float] = {}
+
+    def on_milestone(step: int, trained: Any) -> None:
+        device = next(trained.denoiser.parameters()).device
+        scores = evaluate_trained(trained, run.cfg, device=device, tracker=run.tracker, step=step, grid_dir=run.run_dir)
+        run.tracker.log_metrics(scores, step=step)
+        latest.clear()
+        latest.update(scores)
+
+    extra = {"milestones": run.milestones, "on_milestone": on_milestone} if run.milestones else {}
+    result = train(run.cfg, run.run_dir, tracker=run.tracker, resume=True, progress=False, on_eval=run.on_eval, **extra)
     metrics: dict[str, float] = {"final_train_loss": result.final_train_loss, "final_heldout_loss": result.heldout_loss,
                                  "train_wall_s": result.wall_s, "img_per_s_mean": result.img_per_s}
     if getattr(result, "diverged", False):  # a trainer that returns instead of raising
         raise _diverged_error()(result.steps_done, result.reason)
-    metrics.update(evaluate_run(run.run_dir, cfg=run.cfg, tracker=run.tracker))
+    # A retry resumed past its last milestone already logged those scores; score the final checkpoint again.
+    metrics.update(latest or evaluate_run(run.run_dir, cfg=run.cfg, tracker=run.tracker))
     return metrics
 
 
@@ -130,48 +145,12 @@ class TrialContext:
 
 def resolve_cell(spec: StudySpec, system_attrs: Mapping[str, Any], params: Mapping[str, Any]) -> tuple[Cell, int]:
     """(cell, seed) of a trial from its grid id / fixed params / params, without suggesting anything."""
-    from diffablate.studies.runner import make_sampler
-
-    if "grid_id" in system_attrs:
-        sampler = make_sampler(spec)
-        values = dict(zip(sampler._param_names, sampler._all_grids[system_attrs["grid_id"]]))
-    else:
-        values = {**system_attrs.get("fixed_params", {}), **params}
-    return _cell_from_values(spec, values), int(values["seed"])
-
-
-def _cell_from_values(spec: StudySpec, values: Mapping[str, Any]) -> Cell:
-    if "cell" in values:
-        return spec.cells[int(values["cell"])]
-    wanted = {k: values[k] for k in spec.factors}
-    for cell in spec.cells:
-        if all(_grid_eq(cell.overrides[k], v) for k, v in wanted.items()):
-            return cell
-    raise ValueError(f"no cell matches {wanted}")
-
-
-def _grid_eq(value: Any, grid_value: Any) -> bool:
-    return value == grid_value or (isinstance(value, (list, dict)) and json.dumps(value) == grid_value)
+    return spec.design.resolve(spec, system_attrs, params)
 
 
 def suggest(spec: StudySpec, trial: optuna.Trial) -> tuple[Cell, int, dict[str, Any]]:
     """Ask Optuna for this trial's cell, seed and searched params (the design's whole search space)."""
-    from diffablate.studies.runner import grid_space
-
-    if spec.kind in ("factorial", "one-at-a-time"):
-        values = {k: trial.suggest_categorical(k, v) for k, v in grid_space(spec).items()}
-        return _cell_from_values(spec, values), int(values["seed"]), {}
-    cell = spec.cells[trial.suggest_categorical("cell", list(range(len(spec.cells))))]
-    seed = trial.suggest_categorical("seed", list(spec.seeds))
-    params: dict[str, Any] = {}
-    for p in spec.space:
-        if p.type == "float":
-            params[p.key] = trial.suggest_float(p.key, p.low, p.high, log=p.log, step=p.step)
-        elif p.type == "int":
-            params[p.key] = trial.suggest_int(p.key, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
-        else:
-            params[p.key] = trial.suggest_categorical(p.key, list(p.choices))
-    return cell, int(seed), params
+    return spec.design.suggest(spec, trial)
 
 
 def _unrecorded_run(ctx: TrialContext, planned: int) -> str | None:
@@ -222,22 +201,24 @@ def run_trial(ctx: TrialContext, study: optuna.Study, trial: optuna.Trial) -> Tr
         tracker.log_dict(cfg.to_dict(), "config.json")
 
         def on_eval(step: int, metrics: Mapping[str, float]) -> None:
-            value = metrics.get(spec.prune_metric) if spec.kind == "search" else metrics.get("heldout_loss")
+            value = spec.design.prune_value(spec, metrics)
             if value is None:
                 return
             trial.report(float(value), step)  # intermediate curve for the dashboard and the pruner
-            if spec.kind == "search" and trial.should_prune():
+            if spec.design.prunes and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step}: {spec.prune_metric}={value:.4g}")
 
-        run = TrialRun(spec, cfg, cell, seed, ctx.run_dir(planned), tracker, on_eval, trial.number, attempt)
+        run = TrialRun(spec, cfg, cell, seed, ctx.run_dir(planned), tracker, on_eval, trial.number, attempt,
+                       spec.design.milestones(spec))
         run.run_dir.mkdir(parents=True, exist_ok=True)
         metrics = dict(ctx.trial_fn(run))
         finals = {k: float(v) for k, v in metrics.items() if v is not None}
         if finals:
             tracker.log_metrics(finals, step=None)
-        if spec.objective not in finals:
-            raise RuntimeError(f"the trial produced no {spec.objective!r} (design.objective); got {sorted(finals)}")
-        value = finals[spec.objective]
+        objective = spec.objective_metric(cfg)
+        if objective not in finals:
+            raise RuntimeError(f"the trial produced no {objective!r} (design.objective); got {sorted(finals)}")
+        value = finals[objective]
         _end(client, run_id, "FINISHED", "COMPLETE", "")
         study.tell(trial, value)
         return TrialState.COMPLETE
