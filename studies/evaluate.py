@@ -55,7 +55,7 @@ def generate_samples(trained: Any, cfg: RunConfig, captions: list[str], device: 
     noise is drawn up front, so the batch size never changes the images.
     """
     from diffablate.models.diffusion import generate
-    from diffablate.models.trainer import resolve_perf
+    from diffablate.models.device import resolve_perf
 
     device = torch.device(device)
     perf = resolve_perf(cfg.perf, device)
@@ -119,7 +119,8 @@ def evaluate_run(run_dir: str | Path, *, cfg: RunConfig | None = None, n: int | 
     `cfg` defaults to the checkpoint's own config; pass one to score with other eval settings. With a
     `tracker`, the sample grid and the captions go to the run as samples/eval.png and samples/eval_prompts.json.
     """
-    from diffablate.models.trainer import load_trained, resolve_device
+    from diffablate.models.device import resolve_device
+    from diffablate.models.trainer import load_trained
 
     dev = resolve_device(device or (cfg.device if cfg is not None else "auto"))
     trained = load_trained(run_dir, dev)
@@ -134,7 +135,7 @@ def evaluate_run(run_dir: str | Path, *, cfg: RunConfig | None = None, n: int | 
 
 
 def _log_grid(tracker: Any, images: torch.Tensor, captions: list[str], run_dir: Path) -> None:
-    from diffablate.models.trainer import grid_image
+    from diffablate.models.probes import grid_image
 
     path = run_dir / "eval_samples.png"
     grid_image(images).save(path)

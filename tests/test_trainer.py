@@ -14,7 +14,9 @@ import torch
 from torch import nn
 from PIL import Image
 
+from diffablate.models import device as dev
 from diffablate.models import diffusion
+from diffablate.models import step as st
 from diffablate.models import trainer as tr
 from diffablate.models.checkpoint import CheckpointError, list_checkpoints, load_weights
 from diffablate.models.config import ConfigError, PerfConfig, RunConfig
@@ -165,16 +167,16 @@ def test_divergence_threshold(tmp_path: Path) -> None:
 
 def test_perf_auto_resolution_and_validation() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert tr.resolve_perf(PerfConfig(), cpu) == tr.PerfResolved("no", False, False, False, True, False)
-    assert tr.resolve_perf(PerfConfig(), cuda) == tr.PerfResolved("bf16", True, True, True, True, True)
-    assert tr.resolve_perf(PerfConfig(compile="off", mixed_precision="no"), cuda).compile is False
+    assert dev.resolve_perf(PerfConfig(), cpu) == dev.PerfResolved("no", False, False, False, True, False)
+    assert dev.resolve_perf(PerfConfig(), cuda) == dev.PerfResolved("bf16", True, True, True, True, True)
+    assert dev.resolve_perf(PerfConfig(compile="off", mixed_precision="no"), cuda).compile is False
     with pytest.raises(ConfigError, match="perf.cuda_graphs.*CUDA"):
-        tr.resolve_perf(PerfConfig(cuda_graphs="on"), cpu)
+        dev.resolve_perf(PerfConfig(cuda_graphs="on"), cpu)
     with pytest.raises(ConfigError, match="perf.cuda_graphs.*fp16"):
-        tr.resolve_perf(PerfConfig(cuda_graphs="on", mixed_precision="fp16"), cuda)
+        dev.resolve_perf(PerfConfig(cuda_graphs="on", mixed_precision="fp16"), cuda)
     # "auto" steps aside for fp16 (the loss scaler syncs with the host) instead of failing.
-    assert tr.resolve_perf(PerfConfig(mixed_precision="fp16"), cuda).cuda_graphs is False
-    assert tr.resolve_perf(PerfConfig(), cpu).params()["perf_resolved.data_on_device"] == "True"
+    assert dev.resolve_perf(PerfConfig(mixed_precision="fp16"), cuda).cuda_graphs is False
+    assert dev.resolve_perf(PerfConfig(), cpu).params()["perf_resolved.data_on_device"] == "True"
 
 
 def test_ema_device_scalar_weight_matches_float_weight() -> None:
@@ -182,7 +184,7 @@ def test_ema_device_scalar_weight_matches_float_weight() -> None:
     # _foreach_lerp_); it must give bit-identical weights to the eager path's float weight.
     torch.manual_seed(0)
     online = tr.ModelBundle(nn.Linear(7, 5), nn.Linear(3, 2))
-    a, b = tr.EMA(online, 0.999), tr.EMA(online, 0.999)
+    a, b = st.EMA(online, 0.999), st.EMA(online, 0.999)
     for step in range(1, 6):
         with torch.no_grad():
             for p in online.parameters():
@@ -197,7 +199,7 @@ def test_ema_device_scalar_weight_matches_float_weight() -> None:
 
 def test_meter_accumulates_in_place() -> None:
     # A captured graph holds the address of Meter.sums: reset and load must not replace the tensor.
-    m = tr.Meter(torch.device("cpu"))
+    m = st.Meter(torch.device("cpu"))
     sums = m.sums
     m.add(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0))
     m.load_state_dict(m.state_dict())
