@@ -263,6 +263,9 @@ class RunConfig:
     perf: PerfConfig = field(default_factory=PerfConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0  # training seed: model init, noise, timesteps, dropout; varied across a study's seeds
+    # Null controls: replicate k > 0 re-runs a cell with independent random streams while the logged seed
+    # (the pairing key of every comparison) stays the same; 0 is the cell itself.
+    replicate: int = 0
     device: str = "auto"  # "auto" = cuda if available else cpu; or "cpu", "cuda", "cuda:1"
 
     def __post_init__(self) -> None:
@@ -274,6 +277,7 @@ class RunConfig:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate(f.name)
+        _non_negative("replicate", self.replicate)
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
         _check(self.data.resolution % 2 ** (len(self.model.block_channels) - 1) == 0, "data.resolution",

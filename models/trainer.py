@@ -12,9 +12,9 @@ function); the diagnostics it is judged by are models/probes.py; the loop here c
 `after_step` (log, evaluate, grid, milestone, checkpoint). `models/pack.py` drives several runs through the
 same `open_run` / `after_step` / `finish` in lockstep.
 
-Reproducibility: every random draw comes from a seeded `torch.Generator` derived from `cfg.seed`, one
-stream per purpose (data order, caption dropout, timesteps, noise; model init and the global RNG from their
-own seeds), and a checkpoint stores all of their states, so a resumed CPU run
+Reproducibility: every random draw comes from a seeded `torch.Generator` derived from (`cfg.seed`,
+`cfg.replicate`), one stream per purpose (data order, caption dropout, timesteps, noise; model init and the
+global RNG from their own seeds), and a checkpoint stores all of their states, so a resumed CPU run
 reproduces the uninterrupted run's losses bit for bit. The data-order, dropout and timestep streams live on
 the CPU: their draws are the same on every device, and reading them on the host needs no GPU sync.
 
@@ -99,9 +99,13 @@ class Trained:
 # --- seeds and generators ---------------------------------------------------------------------------
 
 
-def stream_seed(seed: int, stream: str) -> int:
-    """A 63-bit seed per (run seed, stream name): independent streams, stable across versions."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{stream}".encode()).digest()[:8], "little") >> 1
+def stream_seed(seed: int, stream: str, replicate: int = 0) -> int:
+    """A 63-bit seed per (run seed, replicate, stream name): independent streams, stable across versions.
+
+    Replicate 0 hashes exactly what it always did ("seed:stream"), so existing runs keep their numbers;
+    replicate k > 0 hashes "seed:rk:stream": the same logged seed, independent streams (null controls)."""
+    key = f"{seed}:{stream}" if replicate == 0 else f"{seed}:r{replicate}:{stream}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
 
 
 def make_generators(cfg: RunConfig, device: torch.device) -> dict[str, torch.Generator]:
@@ -109,7 +113,7 @@ def make_generators(cfg: RunConfig, device: torch.device) -> dict[str, torch.Gen
     gens = {}
     for name in STREAMS:
         g = torch.Generator(device=device if name == "noise" else "cpu")
-        g.manual_seed(stream_seed(cfg.seed, name))
+        g.manual_seed(stream_seed(cfg.seed, name, cfg.replicate))
         gens[name] = g
     return gens
 
@@ -129,7 +133,7 @@ class ModelBundle(nn.Module):
 def build_models(cfg: RunConfig, train_captions: list[str]) -> ModelBundle:
     """Text encoder and denoiser, initialised from the run's "init" seed without touching the global RNG."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(stream_seed(cfg.seed, "init"))
+        torch.manual_seed(stream_seed(cfg.seed, "init", cfg.replicate))
         text_encoder = TEXT_ENCODERS.get(cfg.text.encoder)(cfg, train_captions)
         denoiser = build_denoiser(cfg, text_encoder)
     if not text_encoder.trainable:
@@ -326,7 +330,7 @@ def open_run(cfg: RunConfig, run_dir: str | Path, *, tracker: Tracker | None = N
     run = Run(cfg=cfg, run_dir=run_dir, tracker=tracker or NullTracker(), s=s, probe=probe, table=TimestepTable(probe),
               grid_prompts=heldout.captions[:GRID_PROMPTS], clock=clock or Stopwatch(), on_eval=on_eval,
               milestones=frozenset(milestones), on_milestone=on_milestone)
-    torch.manual_seed(stream_seed(cfg.seed, "global"))  # only dropout layers draw from it, if any
+    torch.manual_seed(stream_seed(cfg.seed, "global", cfg.replicate))  # only dropout layers draw from it, if any
     # Restore: weights, optimiser, every random stream, the sampler's state, the log accumulators.
     if latest is not None:
         _restore(run, latest)
@@ -380,7 +384,7 @@ def _restore(run: Run, path: Path) -> None:
                       "the CPU streams continue exactly, the noise stream is re-seeded", stacklevel=3)
         for name in ("data", "dropout", "timestep"):
             s.gens[name].set_state(state["rng"][name])
-        s.gens["noise"].manual_seed(stream_seed(run.cfg.seed + state["step"], "noise"))
+        s.gens["noise"].manual_seed(stream_seed(run.cfg.seed + state["step"], "noise", run.cfg.replicate))
     s.sampler.load_state_dict(state["sampler"])
     if state["scaler"]:
         s.scaler.load_state_dict(state["scaler"])

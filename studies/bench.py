@@ -158,7 +158,7 @@ class ReferenceLoop:
                                           num_warmup_steps=cfg.train.warmup_steps)
         self.ema = EMAModel(self.params, decay=cfg.train.ema_decay, use_ema_warmup=True)
         self.ema.to(self.device)
-        self.gen = torch.Generator().manual_seed(stream_seed(cfg.seed, "data"))
+        self.gen = torch.Generator().manual_seed(stream_seed(cfg.seed, "data", cfg.replicate))
         self.train_loss = 0.0
         self.losses: list[float] = []
 
