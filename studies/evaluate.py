@@ -69,7 +69,7 @@ def generate_samples(trained: Any, cfg: RunConfig, captions: list[str], device: 
     noise is drawn up front, so the batch size never changes the images.
     """
     from diffablate.models.diffusion import generate
-    from diffablate.models.trainer import resolve_perf
+    from diffablate.models.device import resolve_perf
 
     device = torch.device(device)
     perf = resolve_perf(cfg.perf, device)
@@ -198,7 +198,8 @@ def evaluate_run(run_dir: str | Path, *, cfg: RunConfig | None = None, n: int | 
 
     `cfg` defaults to the checkpoint's own config; pass one to score with other eval settings.
     """
-    from diffablate.models.trainer import load_trained, resolve_device
+    from diffablate.models.device import resolve_device
+    from diffablate.models.trainer import load_trained
 
     dev = resolve_device(device or (cfg.device if cfg is not None else "auto"))
     trained = load_trained(run_dir, dev)
@@ -207,7 +208,7 @@ def evaluate_run(run_dir: str | Path, *, cfg: RunConfig | None = None, n: int | 
 
 
 def _log_grid(tracker: Any, images: torch.Tensor, captions: list[str], path: Path) -> None:
-    from diffablate.models.trainer import grid_image
+    from diffablate.models.probes import grid_image
 
     path.parent.mkdir(parents=True, exist_ok=True)
     grid_image(images).save(path)
