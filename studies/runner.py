@@ -6,7 +6,7 @@ How the pieces fit:
   `mlartifacts/` (MLflow), `runs/<study>/<planned>/` (checkpoints), `study.json` (which storage, MLflow store
   and study), `specs/<study>.toml`. Nothing inside stores a path that breaks after `cp -r`: database URLs are rebuilt
   from the directory at every start, and MLflow's stored artifact locations are re-pointed when the
-  directory has moved (studies/tracking.py `open_tracking`).
+  directory has moved (studies/tracking.py `open_tracking`). studies/workdir.py owns the layout and study.json.
 - **Planned trials.** Every trial the design needs is created up front as a WAITING Optuna trial, and
   workers only ever *claim* WAITING trials (an atomic RUNNING transition in the storage). So a study
   ends with exactly its planned trials - no worker can race `ask()` into an extra one. Grid designs use
@@ -49,9 +49,10 @@ import optuna
 from optuna.trial import TrialState
 
 from diffablate.studies.spec import StudySpec, parse_spec
+from diffablate.studies.workdir import (DEFAULT_ROOT, STUDY_FILE, default_tracking_uri, default_workdir,  # noqa: F401
+                                        read_study_file, read_study_file_or_empty, record_study, resolve_workdir,
+                                        spec_file, storage_url)  # re-exported: callers know them as runner.*
 
-STUDY_FILE = "study.json"
-DEFAULT_ROOT = Path("studies-out")
 _RETRY_MARK = "retry_history"
 TRACKING_ATTR = "mlflow_tracking_uri"  # Optuna study user attr: the explicit --tracking-uri (absent = work dir store)
 
@@ -61,37 +62,8 @@ class StudyError(RuntimeError):
 
 
 # --- work directory and storage -----------------------------------------------------------------------
-
-
-def default_workdir(name: str) -> Path:
-    return DEFAULT_ROOT / name
-
-
-def resolve_workdir(name_or_dir: str | Path) -> Path:
-    """A work directory, or a study name under studies-out/."""
-    p = Path(name_or_dir)
-    if (p / STUDY_FILE).exists():
-        return p
-    if (default_workdir(str(name_or_dir)) / STUDY_FILE).exists():
-        return default_workdir(str(name_or_dir))
-    raise StudyError(f"{name_or_dir}: no study here (no {p / STUDY_FILE} and no {default_workdir(str(name_or_dir)) / STUDY_FILE})")
-
-
-def read_study_file(workdir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((workdir / STUDY_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise StudyError(f"{workdir / STUDY_FILE}: cannot read ({e})") from None
-
-
-def storage_url(workdir: Path, storage: str | None) -> str:
-    """The Optuna storage URL; None = `<workdir>/optuna.db`. `journal:` paths may be relative to the work dir."""
-    if not storage:
-        return f"sqlite:///{(workdir / 'optuna.db').resolve()}"
-    if storage.startswith("journal:"):
-        path = Path(storage[len("journal:"):])
-        return "journal:" + str(path if path.is_absolute() else (workdir / path).resolve())
-    return storage
+# The layout and study.json belong to studies/workdir.py (default_workdir, resolve_workdir, read_study_file,
+# storage_url are imported above and keep their names here).
 
 
 def resolve_tracking_uri(uri: str | None) -> str | None:
@@ -240,8 +212,7 @@ def prepare_study(spec: StudySpec, workdir: Path | None = None, storage: str | N
     workdir = Path(workdir) if workdir is not None else default_workdir(spec.name)
     workdir.mkdir(parents=True, exist_ok=True)
     url = storage_url(workdir, storage)
-    study_file = workdir / STUDY_FILE
-    info = read_study_file(workdir) if study_file.exists() else {"studies": {}}
+    info = read_study_file_or_empty(workdir)
     st = make_storage(url, spec)
     names = {s.study_name for s in optuna.get_all_study_summaries(st, include_best_trial=False)}
     if spec.name in names:
@@ -267,12 +238,10 @@ def prepare_study(spec: StudySpec, workdir: Path | None = None, storage: str | N
             explicit = _same_tracking(spec.name, study.user_attrs.get(TRACKING_ATTR), requested, workdir, info)
     # Record where this study lives; the storage URL and the MLflow store only when they are not the work dir's
     # own defaults, so the directory stays relocatable.
-    info["studies"][spec.name] = {"storage": storage if storage else None, "spec_hash": spec.spec_hash,
-                                  "tracking_uri": explicit}
-    info["default"] = info.get("default", spec.name)
-    (workdir / "specs").mkdir(exist_ok=True)
-    (workdir / "specs" / f"{spec.name}.toml").write_text(spec.source or "")
-    study_file.write_text(json.dumps(info, indent=2))
+    spec_path = spec_file(workdir, spec.name)
+    spec_path.parent.mkdir(exist_ok=True)
+    spec_path.write_text(spec.source or "")
+    record_study(workdir, spec.name, storage=storage, spec_hash=spec.spec_hash, tracking_uri=explicit)
     uri = explicit or default_tracking_uri(workdir)
     exp_id, parent = ensure_parent_run(spec, workdir, uri=uri)
     return StudyHandle(spec, workdir, url, spec.name, parent, exp_id, uri)
@@ -315,7 +284,7 @@ def load_handle(workdir: Path, name: str | None = None, tracking_uri: str | None
     name = name or info.get("default")
     if name not in info["studies"]:
         raise StudyError(f"{workdir}: no study {name!r}; studies here: {sorted(info['studies'])}")
-    spec_path = workdir / "specs" / f"{name}.toml"
+    spec_path = spec_file(workdir, name)
     spec = parse_spec(spec_path.read_text(), where=str(spec_path))
     if spec.name != name:
         spec = rename_spec(spec, name)
@@ -326,13 +295,6 @@ def load_handle(workdir: Path, name: str | None = None, tracking_uri: str | None
 
 
 # --- MLflow parent run --------------------------------------------------------------------------------
-
-
-def default_tracking_uri(workdir: Path) -> str:
-    """The work dir's own MLflow store, `sqlite:///<workdir>/mlflow.db`."""
-    from diffablate.studies import tracking
-
-    return tracking.default_tracking_uri(workdir)
 
 
 def _tracking_of(workdir: Path, info: dict[str, Any], name: str | None) -> str:
@@ -348,20 +310,17 @@ def _tracking_of(workdir: Path, info: dict[str, Any], name: str | None) -> str:
 def tracking_uri(workdir: Path, study: str | None = None) -> str:
     """The MLflow store of a work dir's study: its recorded `--tracking-uri`, else `<workdir>/mlflow.db`.
     `study` None: the store all the work dir's studies share (StudyError if they use several)."""
-    info = read_study_file(workdir) if (Path(workdir) / STUDY_FILE).exists() else {}
-    return _tracking_of(Path(workdir), info, study)
+    return _tracking_of(Path(workdir), read_study_file_or_empty(workdir), study)
 
 
-def open_tracking(workdir: Path, uri: str | None = None) -> Any:
-    """MlflowClient on `uri` (None: `tracking_uri(workdir)`); studies/tracking.py re-points a SQLite store's
-    artifact paths if its directory moved."""
-    from mlflow.tracking import MlflowClient
-
+def study_client(workdir: Path, uri: str | None = None) -> Any:
+    """MlflowClient on a work dir's study store `uri` (None: `tracking_uri(workdir)`), opened through
+    `tracking.open_tracking` (created under the schema lock; artifact paths re-pointed if the directory moved)."""
     from diffablate.studies import tracking
 
     uri = tracking.open_tracking(uri or tracking_uri(workdir), workdir, check=False)
     _sqlite_wal(uri)
-    return MlflowClient(tracking_uri=uri)
+    return tracking.client(uri)
 
 
 def artifact_root(workdir: Path, uri: str | None = None) -> str:
@@ -383,7 +342,7 @@ def ensure_parent_run(spec: StudySpec, workdir: Path, *, create: bool = True,
     from diffablate.studies import tracking
 
     uri = uri or tracking_uri(workdir, spec.name)
-    client = open_tracking(workdir, uri)
+    client = study_client(workdir, uri)
     if not create and client.get_experiment_by_name(spec.name) is None:
         raise StudyError(f"{workdir}: no MLflow experiment {spec.name!r} in {redact(uri)}")
     exp_id = tracking.get_or_create_experiment(uri, spec.name, workdir=workdir, tags={"diffablate.study": spec.name})
@@ -411,7 +370,7 @@ def finish_parent_if_done(handle: StudyHandle) -> bool:
     counts = trial_counts(handle)
     if counts["waiting"] or counts["running"]:
         return False
-    client = open_tracking(handle.workdir, handle.tracking_uri)
+    client = study_client(handle.workdir, handle.tracking_uri)
     for k in ("complete", "pruned", "fail", "retried"):
         client.log_metric(handle.parent_run_id, f"n_{k}", counts[k])
     client.set_terminated(handle.parent_run_id, "FINISHED")
@@ -522,6 +481,10 @@ def _visible_gpus() -> list[str]:
 
 def worker_main(args: WorkerArgs) -> None:
     """One worker: claim WAITING trials of the study and run them until none is left anywhere."""
+    if multiprocessing.parent_process() is not None:  # a spawned worker: SIGTERM ends its trial like Ctrl-C
+        from diffablate.studies.interrupts import install_for_worker
+
+        install_for_worker()
     os.environ.update(dict(args.env))  # before torch is imported: CUDA_VISIBLE_DEVICES / thread counts
     quiet_optuna()
     if args.threads:

@@ -16,7 +16,6 @@ Optuna keeps the reason as the trial user attr `fail_reason` and the MLflow run 
 from __future__ import annotations
 
 import importlib
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,17 +115,18 @@ class TrialContext:
     def open(cls, spec: StudySpec, workdir: Path, trial_fn: str | None = None,
              uri: str | None = None) -> "TrialContext":
         """The worker's context; `uri` is the study's MLflow store (None: the one recorded for the work dir)."""
-        from diffablate.studies.runner import ensure_parent_run, open_tracking, tracking_uri
+        from diffablate.studies.runner import ensure_parent_run, study_client, tracking_uri
 
         uri = uri or tracking_uri(workdir, spec.name)
-        client = open_tracking(workdir, uri)
+        client = study_client(workdir, uri)
         exp_id, parent = ensure_parent_run(spec, workdir, create=False, uri=uri)
         return cls(spec, workdir, client, uri, exp_id, parent, load_trial_fn(trial_fn),
                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=spec.runtime.max_retry))
 
     def run_dir(self, planned: int) -> Path:
-        # Keyed by the planned trial, not the Optuna number: a retry resumes the same checkpoints.
-        return self.workdir / "runs" / self.spec.name / f"{planned:04d}"
+        from diffablate.studies.workdir import run_dir
+
+        return run_dir(self.workdir, self.spec.name, planned)
 
     def on_stale_trial(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         """A worker died mid-trial: close its MLflow run as lost, then re-queue the trial (up to max_retry)."""
@@ -135,11 +135,10 @@ class TrialContext:
         run_id = frozen.user_attrs.get("mlflow_run_id")
         if run_id:
             reason = f"worker lost (no heartbeat for {self.spec.runtime.grace_period} s)"
-            self.client.set_tag(run_id, "diffablate.fail_reason", reason + ("; retrying" if will_retry else "; retries exhausted"))
-            self.client.set_tag(run_id, "diffablate.status", "FAIL")
             # Kept after a retry reopens the run (which clears fail_reason): the run's history of lost workers.
             self.client.set_tag(run_id, f"diffablate.lost.t{frozen.number}", reason)
-            self.client.set_terminated(run_id, "KILLED" if will_retry else "FAILED")
+            tracking.close_run(self.tracking_uri, run_id, tracking.RunEnding(
+                "KILLED" if will_retry else "FAILED", "FAIL", reason + ("; retrying" if will_retry else "; retries exhausted")))
         self.retry(study, frozen)
 
 
@@ -168,9 +167,21 @@ def _tracker(run_id: str, uri: str) -> Any:
     return MlflowTracker(run_id, uri)
 
 
+def _ending(e: BaseException) -> tracking.RunEnding:
+    """How an exception ends a trial's MLflow run (see the table in the module docstring)."""
+    if isinstance(e, optuna.TrialPruned):
+        return tracking.RunEnding("KILLED", "PRUNED", str(e) or "pruned")
+    if isinstance(e, _diverged_error()):
+        return tracking.RunEnding("FAILED", "FAIL", f"diverged: {getattr(e, 'reason', e)}")
+    if not isinstance(e, Exception):  # KeyboardInterrupt (Ctrl-C, SIGTERM) / SystemExit: not the trial's fault
+        return tracking.RunEnding("KILLED", "FAIL", f"{tracking.interrupt_reason(e)}; re-queued for the next "
+                                                    f"`study run`")
+    return tracking.RunEnding("FAILED", "FAIL", f"{type(e).__name__}: {e}")
+
+
 def run_trial(ctx: TrialContext, study: optuna.Study, trial: optuna.Trial) -> TrialState:
     """Run one claimed (RUNNING) trial to its end and tell Optuna and MLflow how it ended."""
-    spec, client = ctx.spec, ctx.client
+    spec = ctx.spec
     run_id: str | None = None
     try:
         planned = int(trial.user_attrs["planned"])
@@ -182,87 +193,69 @@ def run_trial(ctx: TrialContext, study: optuna.Study, trial: optuna.Trial) -> Tr
                 "diffablate.cell": cell.label, "diffablate.seed": str(seed), "diffablate.planned": str(planned),
                 "diffablate.status": "RUNNING", "diffablate.fail_reason": ""}
         run_id = trial.user_attrs.get("mlflow_run_id") or _unrecorded_run(ctx, planned)
-        if run_id:  # a retry after a lost worker: continue the same child run (and checkpoints)
-            tracking.reopen_run(ctx.tracking_uri, run_id)
+        retry = run_id is not None  # a retry after a lost worker: continue the same child run (and checkpoints)
+        if not retry:
+            run_id = tracking.start_run(ctx.tracking_uri, spec.name, f"t{trial.number:03d} {cell.label} s{seed}",
+                                        ctx.parent_run_id, tags, workdir=ctx.workdir)
+        # From here on the run's end - status and tags, whatever happens - belongs to the lifecycle.
+        with tracking.run_lifecycle(ctx.tracking_uri, run_id, reopen=retry, ending_for=_ending):
             tracker = _tracker(run_id, ctx.tracking_uri)
-            tracker.set_tags({**tags, "diffablate.attempt": str(attempt)})
+            if retry:
+                tracker.set_tags({**tags, "diffablate.attempt": str(attempt)})
             if trial.user_attrs.get("mlflow_run_id") != run_id:
                 trial.set_user_attr("mlflow_run_id", run_id)
                 trial.set_user_attr("cell", cell.label)
                 trial.set_user_attr("seed", seed)
-        else:
-            run_id = tracking.start_run(ctx.tracking_uri, spec.name, f"t{trial.number:03d} {cell.label} s{seed}",
-                                        ctx.parent_run_id, tags, workdir=ctx.workdir)
-            trial.set_user_attr("mlflow_run_id", run_id)
-            trial.set_user_attr("cell", cell.label)
-            trial.set_user_attr("seed", seed)
-            tracker = _tracker(run_id, ctx.tracking_uri)
-        tracker.log_params(cfg.flat())
-        tracker.log_dict(cfg.to_dict(), "config.json")
+            tracker.log_params(cfg.flat())
+            tracker.log_dict(cfg.to_dict(), "config.json")
 
-        def on_eval(step: int, metrics: Mapping[str, float]) -> None:
-            value = spec.design.prune_value(spec, metrics)
-            if value is None:
-                return
-            trial.report(float(value), step)  # intermediate curve for the dashboard and the pruner
-            if spec.design.prunes and trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at step {step}: {spec.prune_metric}={value:.4g}")
+            def on_eval(step: int, metrics: Mapping[str, float]) -> None:
+                value = spec.design.prune_value(spec, metrics)
+                if value is None:
+                    return
+                trial.report(float(value), step)  # intermediate curve for the dashboard and the pruner
+                if spec.design.prunes and trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at step {step}: {spec.prune_metric}={value:.4g}")
 
-        run = TrialRun(spec, cfg, cell, seed, ctx.run_dir(planned), tracker, on_eval, trial.number, attempt,
-                       spec.design.milestones(spec))
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        metrics = dict(ctx.trial_fn(run))
-        finals = {k: float(v) for k, v in metrics.items() if v is not None}
-        if finals:
-            tracker.log_metrics(finals, step=None)
-        objective = spec.objective_metric(cfg)
-        if objective not in finals:
-            raise RuntimeError(f"the trial produced no {objective!r} (design.objective); got {sorted(finals)}")
-        value = finals[objective]
-        _end(client, run_id, "FINISHED", "COMPLETE", "")
+            run = TrialRun(spec, cfg, cell, seed, ctx.run_dir(planned), tracker, on_eval, trial.number, attempt,
+                           spec.design.milestones(spec))
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            metrics = dict(ctx.trial_fn(run))
+            finals = {k: float(v) for k, v in metrics.items() if v is not None}
+            if finals:
+                tracker.log_metrics(finals, step=None)
+            objective = spec.objective_metric(cfg)
+            if objective not in finals:
+                raise RuntimeError(f"the trial produced no {objective!r} (design.objective); got {sorted(finals)}")
+            value = finals[objective]
         study.tell(trial, value)
         return TrialState.COMPLETE
     except optuna.TrialPruned as e:
-        _end(client, run_id, "KILLED", "PRUNED", str(e) or "pruned")
-        trial.set_user_attr("fail_reason", str(e) or "pruned")
+        trial.set_user_attr("fail_reason", _ending(e).reason)
         study.tell(trial, state=TrialState.PRUNED)
         return TrialState.PRUNED
     except _diverged_error() as e:
-        reason = f"diverged: {getattr(e, 'reason', e)}"
-        _fail(study, trial, client, run_id, reason)
+        _fail(study, trial, _ending(e).reason)
         return TrialState.FAIL
     except Exception as e:
-        reason = f"{type(e).__name__}: {e}"
-        _fail(study, trial, client, run_id, reason)
+        _fail(study, trial, _ending(e).reason)
         if run_id:
-            client.log_text(run_id, traceback.format_exc(), "error.txt")
+            ctx.client.log_text(run_id, traceback.format_exc(), "error.txt")
         raise
-    except BaseException:  # KeyboardInterrupt / SystemExit: not the trial's fault - re-queue it, then stop
-        _interrupted(study, trial, client, run_id)
+    except BaseException as e:  # KeyboardInterrupt / SystemExit: not the trial's fault - re-queue it, then stop
+        _interrupted(study, trial, _ending(e).reason)
         raise
 
 
-def _fail(study: optuna.Study, trial: optuna.Trial, client: Any, run_id: str | None, reason: str) -> None:
+def _fail(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
     trial.set_user_attr("fail_reason", reason[:2000])
-    _end(client, run_id, "FAILED", "FAIL", reason)
     study.tell(trial, state=TrialState.FAIL)
 
 
-def _interrupted(study: optuna.Study, trial: optuna.Trial, client: Any, run_id: str | None) -> None:
-    """Ctrl-C / SIGTERM-as-exception mid-trial: FAIL this attempt (MLflow KILLED) and queue a WAITING copy with
-    the same planned id, grid id and MLflow run, so the next `study run` finishes it from its checkpoint.
+def _interrupted(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+    """Ctrl-C / SIGTERM mid-trial: FAIL this attempt (its MLflow run was closed KILLED) and queue a WAITING copy
+    with the same planned id, grid id and MLflow run, so the next `study run` finishes it from its checkpoint.
     Unlimited retries: an interrupt says nothing about the trial (max_retry is for workers that die)."""
-    reason = "interrupted (KeyboardInterrupt/SystemExit); re-queued for the next `study run`"
     trial.set_user_attr("fail_reason", reason)
-    _end(client, run_id, "KILLED", "FAIL", reason)
     study.tell(trial, state=TrialState.FAIL)
     optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(study, study._storage.get_trial(trial._trial_id))
-
-
-def _end(client: Any, run_id: str | None, mlflow_status: str, status: str, reason: str) -> None:
-    if run_id is None:
-        return
-    from mlflow.entities import RunTag
-
-    client.log_batch(run_id, tags=[RunTag("diffablate.status", status), RunTag("diffablate.fail_reason", reason[:4000])])
-    client.set_terminated(run_id, mlflow_status, end_time=int(time.time() * 1000))
