@@ -106,6 +106,8 @@ class Design(ABC):
     kind: ClassVar[str]
     keys: ClassVar[tuple[str, ...]] = BASE_KEYS
     supports_null_control: ClassVar[bool] = False  # a replicate cell of the baseline fits the design's plan
+    makes_claims: ClassVar[bool] = True  # a learning curve picks a budget instead
+    arm_hint: ClassVar[str] = ""  # appended to "matches no cell of the design"
 
     @abstractmethod
     def parse(self, design: Mapping[str, Any], base: RunConfig) -> Parsed:
@@ -206,6 +208,7 @@ class OneAtATime(Design):
     kind = "one-at-a-time"
     keys = BASE_KEYS + ("baseline", "variants")
     supports_null_control = True
+    arm_hint = " (a one-at-a-time design changes one factor at a time from design.baseline)"
 
     def parse(self, design: Mapping[str, Any], base: RunConfig) -> Parsed:
         baseline = baseline_table(design.get("baseline", {}), "design.baseline", base)
@@ -245,6 +248,8 @@ class LearningCurve(OneAtATime):
     kind = "learning-curve"
     keys = BASE_KEYS + ("baseline", "budgets")
     supports_null_control = False
+    makes_claims = False
+    arm_hint = ""
 
     def parse(self, design: Mapping[str, Any], base: RunConfig) -> Parsed:
         from diffablate.models.axes import TIMESTEP_SAMPLERS

@@ -262,8 +262,8 @@ def _spec_from_dict(raw: Mapping[str, Any]) -> StudySpec:
     factors, cells = dict(parsed.factors), list(parsed.cells)
 
     claims = [_claim(c, i, factors, objective, cells) for i, c in enumerate(_list_of_tables(raw.get("claims", []), "claims"))]
-    check(not (claims and kind == "learning-curve"), "claims",
-          "a learning-curve study makes no claims (its report picks the training budget)", [c.name for c in claims])
+    check(not claims or design.makes_claims, "claims",
+          f"a {kind} study makes no claims (its report picks the training budget)", [c.name for c in claims])
     controls = [_control(c, i, design, parsed.baseline, factors, cells, base, objective)
                 for i, c in enumerate(_list_of_tables(raw.get("controls", []), "controls"))]
     claims = [replace(c, baseline=design.complete_arm(c.baseline, parsed.baseline),
@@ -275,9 +275,7 @@ def _spec_from_dict(raw: Mapping[str, Any]) -> StudySpec:
         for side in ("baseline", "variant"):
             arm = getattr(c, side)
             selected[side] = [cell.index for cell in cells if _arm_matches(arm, cell)]
-            check(bool(selected[side]), f"{where}.{side}",
-                  "matches no cell of the design (a one-at-a-time design changes one factor at a time from "
-                  "design.baseline)" if kind == "one-at-a-time" else "matches no cell of the design", arm)
+            check(bool(selected[side]), f"{where}.{side}", "matches no cell of the design" + design.arm_hint, arm)
         check(selected["baseline"] != selected["variant"], f"{where}.variant",
               f"selects the same cells as the baseline arm ({[cells[j].label for j in selected['variant']]}), "
               "so the claim compares an arm with itself", c.variant)
