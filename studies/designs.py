@@ -107,6 +107,7 @@ class Design(ABC):
     keys: ClassVar[tuple[str, ...]] = BASE_KEYS
     supports_null_control: ClassVar[bool] = False  # a replicate cell of the baseline fits the design's plan
     makes_claims: ClassVar[bool] = True  # a learning curve picks a budget instead
+    packable: ClassVar[bool] = True  # its trials' configs are known before they start (studies/runner.py claim_pack)
     arm_hint: ClassVar[str] = ""  # appended to "matches no cell of the design"
 
     @abstractmethod
@@ -282,6 +283,9 @@ class Search(Design):
 
     kind = "search"
     keys = BASE_KEYS + ("axes", "sampler", "sampler_args", "n_trials", "space", "pruner", "pruner_args", "prune_metric")
+    # The sampler proposes each trial's params when it starts, from everything finished by then: trials are
+    # neither known ahead (batch size, widths may be searched) nor meant to start together.
+    packable = False
 
     def parse(self, design: Mapping[str, Any], base: RunConfig) -> Parsed:
         sampler = design.get("sampler", "TPESampler")

@@ -32,6 +32,7 @@ How the pieces fit:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -393,11 +394,44 @@ class WorkerArgs:
     threads: int = 0
     poll_s: float = 2.0
     tracking_uri: str | None = None  # MLflow store (None: as recorded for the study in the work dir)
+    pack: str = "auto"  # trials trained together per worker: "auto" | "off" | an integer (see `pack_size`)
+
+
+# `--pack auto` on a GPU: at most this many compatible trials in one pack. The claims UNet at batch 256 uses a
+# few GiB per member (weights, EMA, AdamW state, graph pool), so memory is no limit on an H200; the bench
+# (`diffablate bench --pack-variants`, studies/BENCHMARKS.md) measured where aggregate throughput levels off.
+PACK_AUTO_MAX = 12
+
+
+def pack_size(pack: str, device_type: str, has_trial_fn: bool) -> int:
+    """How many trials a worker trains together. "off" = 1 (today's one-trial-at-a-time path); "auto" = up to
+    PACK_AUTO_MAX on a GPU, 1 on the CPU (its two cores gain nothing from interleaving); N = up to N.
+    A `--trial-fn` replaces training itself, so it always runs trial by trial."""
+    if has_trial_fn or pack == "off":
+        return 1
+    if pack == "auto":
+        return PACK_AUTO_MAX if device_type == "cuda" else 1
+    n = int(pack)
+    if n < 1:
+        raise StudyError(f"--pack: must be 'auto', 'off' or an integer >= 1, got {pack!r}")
+    return n
+
+
+def check_pack(pack: str) -> str:
+    """`--pack` as given, or StudyError naming the option (checked before anything is created)."""
+    if pack in ("auto", "off"):
+        return pack
+    try:
+        if int(pack) >= 1:
+            return pack
+    except ValueError:
+        pass
+    raise StudyError(f"--pack: must be 'auto', 'off' or an integer >= 1, got {pack!r}")
 
 
 def run_study(spec: StudySpec, *, workdir: Path | None = None, storage: str | None = None, new_name: str | None = None,
               workers: int | None = None, workers_per_gpu: int = 1, trial_fn: str | None = None,
-              tracking_uri: str | None = None, log: Callable[[str], None] = print) -> StudyHandle:
+              tracking_uri: str | None = None, log: Callable[[str], None] = print, pack: str = "auto") -> StudyHandle:
     """Prepare (or resume) the study and run its trials with `workers` local processes; returns when none is left.
     `tracking_uri`: the MLflow store of the parent and every child run (None: as recorded, else the work dir's)."""
     quiet_optuna()
@@ -406,7 +440,7 @@ def run_study(spec: StudySpec, *, workdir: Path | None = None, storage: str | No
     log(f"study {handle.study_name}: {handle.spec.n_planned} planned trials, {len(plan)} worker(s); "
         f"work dir {handle.workdir}; storage {redact(handle.storage)}; MLflow {redact(handle.tracking_uri)}")
     args = [WorkerArgs(handle.spec.source, "spec", handle.study_name, str(handle.workdir), storage, i, trial_fn,
-                       tuple(env.items()), threads, tracking_uri=handle.tracking_uri)
+                       tuple(env.items()), threads, tracking_uri=handle.tracking_uri, pack=check_pack(pack))
             for i, (env, threads) in enumerate(plan)]
     if len(args) == 1:
         worker_main(args[0])
@@ -503,24 +537,71 @@ def worker_main(args: WorkerArgs) -> None:
     study = optuna.load_study(study_name=args.study_name, storage=storage, sampler=make_sampler(spec, args.index),
                               pruner=make_pruner(spec))
     heartbeat = isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval() is not None
+    size = pack_size(args.pack, _device_type(spec), args.trial_fn is not None) if spec.design.packable else 1
     while True:
         if heartbeat:
             optuna.storages.fail_stale_trials(study)  # retry trials of dead workers (anyone's)
-        trial_id = claim_waiting_trial(study)
-        if trial_id is None:
+        trial_ids = claim_pack(study, spec, size)
+        if not trial_ids:
             # Nothing to claim. While others still run, stay: if one of them dies, its retry lands here.
             if heartbeat and study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 time.sleep(args.poll_s)
                 continue
             return
-        with _Heartbeat(storage, trial_id, heartbeat):
-            trial = optuna.trial.Trial(study, trial_id)
+        with contextlib.ExitStack() as beats:
+            for trial_id in trial_ids:
+                beats.enter_context(_Heartbeat(storage, trial_id, heartbeat))
+            trials = [optuna.trial.Trial(study, trial_id) for trial_id in trial_ids]
             try:
-                trial_mod.run_trial(ctx, study, trial)
+                if len(trials) == 1:
+                    trial_mod.run_trial(ctx, study, trials[0])
+                else:
+                    trial_mod.run_pack(ctx, study, trials)
             except Exception:  # a bug in one trial must not take the study down; it is recorded as FAIL
                 traceback.print_exc(file=sys.stderr)
-                if storage.get_trial(trial_id).state == TrialState.RUNNING:  # failed before it could tell
+            for trial in trials:
+                if storage.get_trial(trial._trial_id).state == TrialState.RUNNING:  # failed before it could tell
                     study.tell(trial, state=TrialState.FAIL)
+
+
+def _device_type(spec: StudySpec) -> str:
+    """Where this worker's trials train ("cuda" / "cpu"): the base config's device as resolved here."""
+    from diffablate.models.device import resolve_device
+
+    return resolve_device(spec.base.device).type
+
+
+def claim_pack(study: optuna.Study, spec: StudySpec, size: int) -> list[int]:
+    """Claim up to `size` WAITING trials that may train together (`models.pack.pack_key`): the first one
+    claimable, then others of the same key. Each claim is the same atomic WAITING -> RUNNING transition as
+    `claim_waiting_trial`, so two workers never share a trial."""
+    first = claim_waiting_trial(study)
+    if first is None or size <= 1:
+        return [] if first is None else [first]
+    from diffablate.models.pack import pack_key
+
+    def key(t: Any) -> str | None:
+        try:
+            cell, seed = spec.design.resolve(spec, t.system_attrs, t.params)
+            return pack_key(spec.cell_config(cell, seed))
+        except (KeyError, IndexError, ValueError):  # a trial this design cannot place: never packed
+            return None
+
+    want = key(study._storage.get_trial(first))
+    claimed = [first]
+    if want is None:
+        return claimed
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if len(claimed) >= size:
+            break
+        if key(t) != want:
+            continue
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                claimed.append(t._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return claimed
 
 
 def claim_waiting_trial(study: optuna.Study) -> int | None:

@@ -16,10 +16,11 @@ Optuna keeps the reason as the trial user attr `fail_reason` and the MLflow run 
 from __future__ import annotations
 
 import importlib
+import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Generator, Mapping
 
 import optuna
 from optuna.trial import TrialState
@@ -55,26 +56,65 @@ def train_and_evaluate(run: TrialRun) -> dict[str, float]:
     step = milestone; the last milestone's scores are the trial's final metrics.
     """
     from diffablate.models.trainer import train
-    from diffablate.studies.evaluate import evaluate_run, evaluate_trained
 
-    latest: dict[str, float] = {}
+    scorer = _MilestoneScorer(run)
+    result = train(run.cfg, run.run_dir, tracker=run.tracker, resume=True, progress=False, on_eval=run.on_eval,
+                   **scorer.train_kwargs())
+    return scorer.finals(result)
 
-    def on_milestone(step: int, trained: Any) -> None:
+
+def train_and_evaluate_pack(runs: list[TrialRun]) -> list[Callable[[], dict[str, float]]]:
+    """Several trials' training as one pack (`models.pack.train_pack`, issue 20) -> per run, in order, a
+    function that scores it (its panel) and returns its final metrics - or raises what ended its training.
+    Scoring is deferred so each trial's evaluation runs inside its own lifecycle (see `run_pack`)."""
+    from diffablate.models.pack import PackMember, train_pack
+
+    scorers = [_MilestoneScorer(run) for run in runs]
+    members = [PackMember(run.cfg, run.run_dir, run.tracker, resume=True, on_eval=run.on_eval, **sc.train_kwargs())
+               for run, sc in zip(runs, scorers)]
+    results = train_pack(members)
+
+    def finals(scorer: _MilestoneScorer, result: Any) -> Callable[[], dict[str, float]]:
+        def score() -> dict[str, float]:
+            if isinstance(result, BaseException):
+                raise result
+            return scorer.finals(result)
+        return score
+
+    return [finals(sc, r) for sc, r in zip(scorers, results)]
+
+
+class _MilestoneScorer:
+    """Scores a run under its panel at every milestone (logged at step = milestone) and assembles its finals."""
+
+    def __init__(self, run: TrialRun) -> None:
+        self.run = run
+        self.latest: dict[str, float] = {}
+
+    def train_kwargs(self) -> dict[str, Any]:
+        return {"milestones": self.run.milestones, "on_milestone": self.on_milestone} if self.run.milestones else {}
+
+    def on_milestone(self, step: int, trained: Any) -> None:
+        from diffablate.studies.evaluate import evaluate_trained
+
+        run = self.run
         device = next(trained.denoiser.parameters()).device
         scores = evaluate_trained(trained, run.cfg, device=device, tracker=run.tracker, step=step, grid_dir=run.run_dir)
         run.tracker.log_metrics(scores, step=step)
-        latest.clear()
-        latest.update(scores)
+        self.latest = dict(scores)
 
-    extra = {"milestones": run.milestones, "on_milestone": on_milestone} if run.milestones else {}
-    result = train(run.cfg, run.run_dir, tracker=run.tracker, resume=True, progress=False, on_eval=run.on_eval, **extra)
-    metrics: dict[str, float] = {"final_train_loss": result.final_train_loss, "final_heldout_loss": result.heldout_loss,
-                                 "train_wall_s": result.wall_s, "img_per_s_mean": result.img_per_s}
-    if getattr(result, "diverged", False):  # a trainer that returns instead of raising
-        raise _diverged_error()(result.steps_done, result.reason)
-    # A retry resumed past its last milestone already logged those scores; score the final checkpoint again.
-    metrics.update(latest or evaluate_run(run.run_dir, cfg=run.cfg, tracker=run.tracker))
-    return metrics
+    def finals(self, result: Any) -> dict[str, float]:
+        from diffablate.studies.evaluate import evaluate_run
+
+        run = self.run
+        metrics: dict[str, float] = {"final_train_loss": result.final_train_loss,
+                                     "final_heldout_loss": result.heldout_loss, "train_wall_s": result.wall_s,
+                                     "img_per_s_mean": result.img_per_s}
+        if getattr(result, "diverged", False):  # a trainer that returns instead of raising
+            raise _diverged_error()(result.steps_done, result.reason)
+        # A retry resumed past its last milestone already logged those scores; score the final checkpoint again.
+        metrics.update(self.latest or evaluate_run(run.run_dir, cfg=run.cfg, tracker=run.tracker))
+        return metrics
 
 
 def _diverged_error() -> type[BaseException]:
@@ -179,8 +219,17 @@ def _ending(e: BaseException) -> tracking.RunEnding:
     return tracking.RunEnding("FAILED", "FAIL", f"{type(e).__name__}: {e}")
 
 
-def run_trial(ctx: TrialContext, study: optuna.Study, trial: optuna.Trial) -> TrialState:
-    """Run one claimed (RUNNING) trial to its end and tell Optuna and MLflow how it ended."""
+TrialFlow = Generator[TrialRun, Mapping[str, float], TrialState]
+
+
+def trial_flow(ctx: TrialContext, study: optuna.Study, trial: optuna.Trial) -> TrialFlow:
+    """One claimed (RUNNING) trial from start to end, as a generator: it yields its `TrialRun` once, and the
+    driver sends back the trial's final metrics - or throws in what ended its training - at that point.
+
+    Everything else (opening or reopening the MLflow run, the lifecycle that closes it, telling Optuna, the
+    re-queue on an interrupt) happens here, so a trial trained alone (`run_trial`) and one trained in a pack
+    (`run_pack`) end in MLflow and Optuna through exactly the same code.
+    """
     spec = ctx.spec
     run_id: str | None = None
     try:
@@ -220,7 +269,7 @@ def run_trial(ctx: TrialContext, study: optuna.Study, trial: optuna.Trial) -> Tr
             run = TrialRun(spec, cfg, cell, seed, ctx.run_dir(planned), tracker, on_eval, trial.number, attempt,
                            spec.design.milestones(spec))
             run.run_dir.mkdir(parents=True, exist_ok=True)
-            metrics = dict(ctx.trial_fn(run))
+            metrics = dict((yield run))
             finals = {k: float(v) for k, v in metrics.items() if v is not None}
             if finals:
                 tracker.log_metrics(finals, step=None)
@@ -245,6 +294,74 @@ def run_trial(ctx: TrialContext, study: optuna.Study, trial: optuna.Trial) -> Tr
     except BaseException as e:  # KeyboardInterrupt / SystemExit: not the trial's fault - re-queue it, then stop
         _interrupted(study, trial, _ending(e).reason)
         raise
+
+
+def run_trial(ctx: TrialContext, study: optuna.Study, trial: optuna.Trial) -> TrialState:
+    """Run one claimed (RUNNING) trial to its end with `ctx.trial_fn` and tell Optuna and MLflow how it ended."""
+    flow = trial_flow(ctx, study, trial)
+    run = next(flow)
+    try:
+        metrics = ctx.trial_fn(run)
+    except BaseException as e:  # noqa: BLE001 - the flow decides what each outcome means, then re-raises
+        return _resume(flow, lambda: flow.throw(e))
+    return _resume(flow, lambda: flow.send(metrics))
+
+
+def run_pack(ctx: TrialContext, study: optuna.Study, trials: list[optuna.Trial]) -> list[TrialState | None]:
+    """Run several claimed trials as one pack (`train_and_evaluate_pack`): each keeps its own MLflow run,
+    lifecycle, Optuna outcome and evaluation. A trial that fails (to open, to train, to score) ends alone and
+    the others go on; its error is printed (as the worker does for a lone trial). An interrupt (Ctrl-C,
+    SIGTERM) ends every unfinished trial as interrupted - re-queued - and then propagates.
+    -> per trial its final state (None where it failed before telling Optuna)."""
+    flows: list[tuple[int, TrialFlow]] = []
+    runs: list[TrialRun] = []
+    states: list[TrialState | None] = [None] * len(trials)
+    for i, trial in enumerate(trials):
+        flow = trial_flow(ctx, study, trial)
+        try:
+            runs.append(next(flow))
+            flows.append((i, flow))
+        except Exception:  # noqa: BLE001 - failed while opening: already told FAIL by the flow
+            traceback.print_exc(file=sys.stderr)
+    try:
+        scorers = train_and_evaluate_pack(runs) if runs else []
+    except BaseException as e:  # an interrupt, or a bug of the pack itself: every trial of it ends the same way
+        for _, flow in flows:
+            _settle(flow, e)
+        raise
+    for k, ((i, flow), score) in enumerate(zip(flows, scorers)):
+        try:
+            metrics = score()
+        except Exception as e:  # noqa: BLE001 - this trial's own end
+            states[i] = _settle(flow, e)
+            continue
+        except BaseException as e:  # interrupted while scoring: this trial and every later one
+            for _, rest in flows[k:]:
+                _settle(rest, e)
+            raise
+        states[i] = _settle(flow, None, metrics)
+    return states
+
+
+def _resume(flow: TrialFlow, step: Callable[[], Any]) -> TrialState:
+    """Drive a flow past its yield; its return value is the trial's state."""
+    try:
+        step()
+    except StopIteration as stop:
+        return stop.value
+    raise RuntimeError("trial_flow yielded twice")
+
+
+def _settle(flow: TrialFlow, error: BaseException | None, metrics: Mapping[str, float] | None = None) -> TrialState | None:
+    """End one flow of a pack: send its metrics or throw its error; an error the flow re-raises is printed
+    (Exceptions) or swallowed (interrupts: the caller re-raises once for the whole pack)."""
+    try:
+        return _resume(flow, (lambda: flow.throw(error)) if error is not None else (lambda: flow.send(metrics)))
+    except Exception:  # noqa: BLE001 - recorded as FAIL by the flow; the worker prints a lone trial's the same way
+        traceback.print_exc(file=sys.stderr)
+        return None
+    except BaseException:  # noqa: BLE001 - an interrupt: recorded and re-queued by the flow
+        return None
 
 
 def _fail(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
