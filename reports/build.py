@@ -3,28 +3,36 @@
     build_report("my-study", "sqlite:///studies-out/my-study/mlflow.db", Path("studies-out/my-study/report"))
 
 Everything written is a pure function of the MLflow store (and the Optuna storage, when given), so running
-it twice gives byte-identical CSV, Markdown, HTML and figures.
+it twice gives byte-identical CSV, Markdown, HTML and figures. The first screen is the verdict: the
+controls' status, any warning that the samples are noise, then one row per claim; details follow.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 import diffablate.studies.workdir as workdir_layout  # dependency-free: the work-dir layout and study.json
-from diffablate.reports import figures, stats
-from diffablate.reports.load import (StudyData, axis_value, download_samples, load_study, log_report, parse_cell,
-                                     same_axis)
-from diffablate.reports.render import Block, Bullets, Fig, Heading, Para, Table, fmt_value, to_html, to_markdown
+from diffablate.reports import figures, learning, repro, stats, timestep, verdicts
+from diffablate.reports.load import (HEADLINE_SCORES, PROMPTS_ARTIFACT, REAL_ARTIFACT, ReportError, StudyData,
+                                     axis_value, download_samples, load_study, log_report, parse_cell,
+                                     read_json_artifact, same_axis)
+from diffablate.reports.render import (Block, Bullets, Callout, Fig, Heading, Para, Table, fmt_value, to_html,
+                                       to_markdown)
 from diffablate.studies.workdir import default_tracking_uri  # noqa: F401 - re-exported for report callers
 
 FLOAT_FORMAT = "%.6g"  # CSV floats: stable, short, enough digits for every metric here
 SAMPLER_AXIS = "timestep_sampler"
+SAMPLE_SEEDS = 3  # seeds shown per design cell in the samples figure
+SAMPLE_CELLS = 8
 
 
 @dataclass
@@ -33,9 +41,13 @@ class ReportResult:
 
     out_dir: Path
     files: list[Path]
-    claims: pd.DataFrame
+    claims: pd.DataFrame  # one row per claim: overall verdict, trust, panel agreement, the shown entry's numbers
     missing: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    verdicts: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per (claim, panel entry)
+    instrument: str = "no controls"
+    tags: dict[str, str] = field(default_factory=dict)  # what was (or would be) set on the parent run
+    picked_budget: int | None = None
 
 
 def find_tracking_uri(workdir: Path, study: str) -> str:
@@ -51,9 +63,11 @@ def find_optuna_storage(workdir: Path, study: str) -> str | None:
 
 
 def build_report(study_name: str, tracking_uri: str, out_dir: Path, *, optuna_storage: str | None = None,
-                 log_to_mlflow: bool = True) -> ReportResult:
-    """Read the study, write trials.csv, claims.csv, effects.csv, cells.csv, figures/, report.md, report.html.
+                 log_to_mlflow: bool = True, mlflow_ui: str | None = None) -> ReportResult:
+    """Read the study, write trials.csv, claims.csv, verdicts.csv, effects.csv, cells.csv, figures/, report.md
+    and report.html; with ``log_to_mlflow``, log them to the parent run and tag it with the verdicts.
 
+    ``mlflow_ui``: the MLflow UI's address, for links to the runs (a tracking server links to itself).
     Raises ``load.ReportError`` (naming the study and URI) when the study is not in the store.
     """
     study = load_study(study_name, tracking_uri)
@@ -62,35 +76,176 @@ def build_report(study_name: str, tracking_uri: str, out_dir: Path, *, optuna_st
     if fig_dir.exists():
         shutil.rmtree(fig_dir)  # figures/ is ours alone; stale figures from an older design must not linger
     notes = list(study.notes)
+    try:
+        judgement = verdicts.judge(study)
+    except ValueError as e:  # a malformed claims.json (unknown role): name it rather than guess
+        raise ReportError(f"study {study.study!r}: {e}") from None
+    pick = learning.pick_budget(study) if study.parent_tags.get("diffablate.kind") == "learning-curve" else None
+    ui = repro.ui_address(study, mlflow_ui)
 
     trials = study.trials
-    metrics = [m for m in (*stats.HEADLINE_METRICS, "final_heldout_loss", "final_train_loss") if m in trials]
-    summary = stats.cell_summary(study, metrics)
-    effects = stats.claim_effects(study)
+    primary = study.panel.primary
+    headline = [study.column(s, primary) for s in HEADLINE_SCORES if study.column(s, primary) in trials]
+    plain = [m for m in ("final_heldout_loss", "final_train_loss") if m in trials]
+    every_entry = [study.column(s, e) for s in HEADLINE_SCORES for e in study.entries_of(s)]
+    summary = stats.cell_summary(study, [*every_entry, *plain])
     missing = stats.missing_trials(study)
-    claims_table = _claims_table(study, effects)
 
-    blocks: list[Block] = [Heading(1, f"Study report: {study.study}"), Para(_overview(study))]
+    blocks: list[Block] = [Heading(1, f"Study report: {study.study}")]
+    blocks += _first_screen(study, judgement, pick)
+    blocks += [Heading(2, "About this study"), Para(_overview(study))]
     if notes:
         blocks.append(Bullets(notes))
-    blocks += _claims_section(study, effects, claims_table, fig_dir)
-    blocks += _cells_section(summary)
+    blocks += _controls_section(judgement)
+    blocks += _claims_section(study, judgement, fig_dir)
+    if pick is not None:
+        blocks += _learning_section(study, judgement, pick, fig_dir)
+    blocks += _cells_section(summary, headline + plain, [c for c in every_entry if c not in headline])
     blocks += _missing_section(study, missing)
-    blocks += _dynamics_section(study, fig_dir)
+    ratios, dynamics = _dynamics_section(study, fig_dir)
+    blocks += dynamics
+    blocks += _scores_section(study, fig_dir, pick is not None)
     blocks += _samples_section(study, fig_dir)
-    blocks += _interaction_section(study, metrics, fig_dir)
+    blocks += _interaction_section(study, headline + plain[:1], fig_dir)
     blocks += _search_section(study, optuna_storage, fig_dir)
-    blocks += _trials_section(trials, metrics)
+    blocks += _trials_section(study, headline + plain, ui)
+    reference = _reference_run(study)
+    blocks += repro.section(study, reference, ui, f"diffablate report {study.study} --workdir WORKDIR")
 
-    files = [out_dir / "trials.csv", out_dir / "claims.csv", out_dir / "effects.csv", out_dir / "cells.csv"]
-    for frame, path in zip((trials, claims_table, effects, summary), files):
-        frame.to_csv(path, index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
+    tables = {"trials.csv": trials, "claims.csv": judgement.claims, "verdicts.csv": judgement.rows,
+              "effects.csv": judgement.secondary, "cells.csv": summary}
+    if not ratios.summary.empty:
+        tables["timestep_ratios.csv"] = ratios.summary
+    if pick is not None:
+        tables["learning_curve.csv"] = pick.curves
+        tables["budgets.csv"] = pick.table
+    files = []
+    for name, frame in tables.items():
+        frame.to_csv(out_dir / name, index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
+        files.append(out_dir / name)
     (out_dir / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
     (out_dir / "report.html").write_text(to_html(blocks, f"Study report: {study.study}", fig_dir), encoding="utf-8")
     files += [out_dir / "report.md", out_dir / "report.html", *sorted(fig_dir.glob("*"))]
+    tags = _parent_tags(judgement, pick)
     if log_to_mlflow:
-        log_report(study, out_dir)
-    return ReportResult(out_dir=out_dir, files=files, claims=claims_table, missing=missing, notes=notes)
+        log_report(study, out_dir, tags)
+    return ReportResult(out_dir=out_dir, files=files, claims=judgement.claims, missing=missing, notes=notes,
+                        verdicts=judgement.rows, instrument=judgement.instrument, tags=tags,
+                        picked_budget=pick.picked if pick else None)
+
+
+# --- the first screen ---------------------------------------------------------------------------------
+
+
+def _effect_str(r: pd.Series) -> str:
+    where = "" if r["entry"] == "–" else f" ({r['entry']})"
+    if r["status"] == "constant":
+        return f"none: every trial scored {r['constant_value']:.4g}{where}"
+    if pd.isna(r["effect"]):
+        return "–"
+    ci = "" if pd.isna(r["ci_low"]) else f" [{r['ci_low']:.3g}, {r['ci_high']:.3g}]"
+    if r["status"] == "degenerate":
+        ci = " (zero-width interval)"
+    margin = f", margin {float(r['margin']):g}" if r["expect"] == "variant_no_worse" and _num(r["margin"]) else ""
+    return f"{r['effect']:+.3g}{ci}{where}{margin}"
+
+
+def _num(value: Any) -> bool:
+    try:
+        return not math.isnan(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _n_str(r: pd.Series) -> str:
+    n = f"{int(r['n_pairs'])} pairs" if r["n_pairs"] >= 2 else f"{int(r['n_baseline'])}+{int(r['n_variant'])} seeds"
+    failed = [f"{arm} {r[f'failed_{arm}']}" for arm in ("baseline", "variant")
+              if not str(r[f"failed_{arm}"]).startswith("0/")]
+    return n + (f"; failed: {', '.join(failed)}" if failed else "")
+
+
+def verdict_box(study: StudyData, judgement: verdicts.Judgement) -> pd.DataFrame:
+    """The narrow verdict-first table: controls first, then claims (claim, verdict, effect, n, agreement)."""
+    c = judgement.claims
+    if c.empty:
+        return pd.DataFrame(columns=["claim", "verdict", "effect [95 % CI]", "n", "panel agreement"])
+    order = c.assign(_k=c["role"].map({"null-control": 0, "positive-control": 1}).fillna(2)).sort_values(
+        "_k", kind="stable")
+    untrusted = judgement.trusted == "no"
+    rows = []
+    for _, r in order.iterrows():
+        name = r["claim"] if r["role"] == "claim" else f"{r['role'].replace('-', ' ')}: {r['claim']}"
+        verdict = r["verdict"] + (" · untrusted" if untrusted and r["role"] == "claim" else "")
+        rows.append({"claim": name, "verdict": verdict, "effect [95 % CI]": _effect_str(r), "n": _n_str(r),
+                     "panel agreement": r["agreement"]})
+    return pd.DataFrame(rows)
+
+
+def _first_screen(study: StudyData, j: verdicts.Judgement, pick: learning.BudgetPick | None) -> list[Block]:
+    out: list[Block] = []
+    failed = [c for c in j.controls if c["status"] != "passed"]
+    if j.instrument == "failed":
+        out.append(Callout("danger", "THE INSTRUMENT FAILED: every verdict below is untrusted. " + "; ".join(
+            f"{c['role'].replace('-', ' ')} {c['name']} {c['status']} (wanted {c['want']}; got {c['agreement']})"
+            for c in failed) + "."))
+    elif j.instrument == "unproven":
+        out.append(Callout("danger", "The instrument is unproven: a control could not be evaluated, so every verdict "
+                                     "below is untrusted. " + "; ".join(f"{c['name']}: {c['agreement']}" for c in failed)
+                           + "."))
+    elif j.instrument == "passed":
+        out.append(Callout("ok", "Controls passed: " + "; ".join(f"{c['role'].replace('-', ' ')} {c['name']} "
+                                                                f"({c['agreement']})" for c in j.controls) + "."))
+    elif study.claims:
+        out.append(Callout("warn", "No controls declared: nothing in this study shows that the instrument finds a "
+                                   "known effect or rejects a null; read the verdicts with that in mind."))
+    bar = j.baseline_bar
+    if bar.get("below"):
+        ceiling = "" if math.isnan(bar["ceiling"]) else f" The oracle scores {bar['ceiling']:.3g} on real images."
+        out.append(Callout("danger", "SAMPLES ARE NOISE: this study says nothing about images. The baseline "
+                                     f"({bar['arm']}) has oracle accuracy " + ", ".join(
+                                         f"{e['mean']:.3g} under {e['entry']}" for e in bar["below"])
+                           + f", below the bar of {bar['bar']:g}.{ceiling}"))
+    elif not bar.get("entries") and study.claims:
+        out.append(Callout("warn", "No oracle accuracy was logged: nothing shows the baseline's samples depict "
+                                   "their captions."))
+    if pick is not None:
+        kind = "ok" if pick.picked is not None else "danger"
+        out.append(Callout(kind, pick.why))
+    box = verdict_box(study, j)
+    if len(box):
+        out.append(Table(box, css="box"))
+        out.append(Para(_scope(study, j)))
+    return out
+
+
+def _scope(study: StudyData, j: verdicts.Judgement) -> str:
+    """One line on what a study of this size can and cannot conclude."""
+    seeds = sorted(int(s) for s in study.trials["seed"].unique() if s >= 0)
+    rows = j.rows[(j.rows["role"] == "claim") & j.rows["mde"].notna()]
+    mdes = "; ".join(f"{m} ≈ {g['mde'].median():.3g}" for m, g in rows.groupby("metric", sort=True))
+    n_gen = stats.sample_counts(study.trials, study.column("fid", study.panel.primary)).get("n_gen", "")
+    parts = [f"{len(seeds)} seed(s) per cell"]
+    if n_gen:
+        parts.append(f"FID on {n_gen} generated images")
+    return ("**What this study can conclude:** at this size (" + ", ".join(parts) + ") a claim can only be supported "
+            "for effects above its minimum detectable effect (80 % power" + (f"; median {mdes}" if mdes else "") +
+            "); *inconclusive* means too small to see here, not absent. Entries: "
+            + (", ".join(study.panel.entries) or "none") + f"; primary {study.panel.primary or '–'}.")
+
+
+def _parent_tags(j: verdicts.Judgement, pick: learning.BudgetPick | None) -> dict[str, str]:
+    """Verdicts on the parent run, so studies can be filtered and compared by them in MLflow."""
+    tags = {"diffablate.instrument": j.instrument, "diffablate.trusted": j.trusted}
+    for _, r in j.claims.iterrows():
+        tags[f"diffablate.verdict.{r['claim']}"] = str(r["verdict"])
+        tags[f"diffablate.agreement.{r['claim']}"] = str(r["agreement"])
+        tags[f"diffablate.effect.{r['claim']}"] = _effect_str(r)
+    bar = j.baseline_bar
+    if bar.get("entries"):
+        tags["diffablate.baseline_bar"] = "below" if bar["below"] else "met"
+    if pick is not None:
+        tags["diffablate.picked_budget"] = str(pick.picked) if pick.picked is not None else "none"
+    return tags
 
 
 # --- sections ------------------------------------------------------------------------------------------
@@ -110,86 +265,132 @@ def _overview(study: StudyData) -> str:
             f"and seeds {seeds}. Design axes: {axes}. Generated from MLflow alone by `diffablate report`.")
 
 
-def _arm_str(arm: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(arm.items())) or "(all)"
-
-
-def _claims_table(study: StudyData, effects: pd.DataFrame) -> pd.DataFrame:
-    rows = []
-    primary = effects[effects["primary"].astype(bool)] if len(effects) else effects
-    for claim, (_, eff) in zip(study.claims, primary.iterrows()):
-        arms = {a: study.trials[stats.arm_mask(study, dict(claim.get(a, {})))] for a in ("baseline", "variant")}
-        counts = stats.sample_counts(pd.concat(arms.values()), eff["metric"])
-        rows.append({
-            "claim": eff["claim"], "statement": claim.get("statement", ""), "metric": eff["metric"],
-            "better": claim.get("better", ""), "expect": claim.get("expect", ""),
-            "baseline": _arm_str(dict(claim.get("baseline", {}))), "variant": _arm_str(dict(claim.get("variant", {}))),
-            "n_baseline": eff["n_baseline"], "n_variant": eff["n_variant"], "test": eff["test"],
-            "baseline_mean": eff["baseline_mean"], "variant_mean": eff["variant_mean"], "effect": eff["effect"],
-            "ci_low": eff["ci_low"], "ci_high": eff["ci_high"], "p_value": eff["p_value"],
-            "n_gen": counts.get("n_gen", ""), "n_ref": counts.get("n_ref", ""),
-            "verdict": eff["verdict"], "reason": eff["reason"],
-        })
-    cols = ["claim", "statement", "metric", "better", "expect", "baseline", "variant", "n_baseline", "n_variant",
-            "test", "baseline_mean", "variant_mean", "effect", "ci_low", "ci_high", "p_value", "n_gen", "n_ref",
-            "verdict", "reason"]
-    return pd.DataFrame(rows).reindex(columns=cols)
-
-
 def _ci(lo: float, hi: float) -> str:
     return "–" if pd.isna(lo) else f"[{lo:.4g}, {hi:.4g}]"
 
 
-def _claims_section(study: StudyData, effects: pd.DataFrame, table: pd.DataFrame, fig_dir: Path) -> list[Block]:
-    out: list[Block] = [Heading(2, "Claims"), Para(stats.VERDICT_RULE)]
-    if table.empty:
-        return out + [Para("No claims were recorded for this study (no `claims.json` on the parent run).")]
-    show = table.assign(**{"95 % CI": [_ci(a, b) for a, b in zip(table["ci_low"], table["ci_high"])]})
-    out.append(Table(show[["claim", "metric", "baseline", "variant", "n_baseline", "n_variant", "baseline_mean",
-                           "variant_mean", "effect", "95 % CI", "p_value", "test", "n_gen", "n_ref", "verdict",
-                           "reason"]]))
-    out.append(Bullets([f"**{r['claim']}**: {r['statement']} (expects {r['expect'].replace('_', ' ')}, "
-                        f"{r['metric']} {r['better']} is better)" for _, r in table.iterrows()]))
-    if (stem := figures.effects_forest(effects, fig_dir)) is not None:
-        out.append(Fig(stem, "Effect (variant − baseline) with 95 % t-CI per claim and metric. Filled markers: the "
-                             "claim's own metric, coloured by verdict; hollow: other metrics (no verdict)."))
-    arms = [(str(c.get("name", "?")), str(c.get("metric", "")), stats.arm_mask(study, dict(c.get("baseline", {}))),
-             stats.arm_mask(study, dict(c.get("variant", {})))) for c in study.claims]
-    if (stem := figures.claim_arms(study.trials, arms, effects, fig_dir)) is not None:
-        out.append(Fig(stem, "Each claim on its own metric: per-seed values, averaged over the other design axes "
-                             "(grey lines join seeds present in both arms), and mean ± 95 % t-CI."))
-    secondary = effects[~effects["primary"].astype(bool)]
-    if len(secondary):
-        sec = secondary.assign(**{"95 % CI": [_ci(a, b) for a, b in zip(secondary["ci_low"], secondary["ci_high"])]})
-        out += [Para("Other headline metrics for the same contrasts (no verdict; they are not what the claim states):"),
-                Table(sec[["claim", "metric", "n_baseline", "n_variant", "effect", "95 % CI", "p_value", "test"]])]
+def _controls_section(j: verdicts.Judgement) -> list[Block]:
+    if not j.controls:
+        return []
+    out: list[Block] = [Heading(2, "Controls"),
+                        Para("Checked before any claim: a null control (the baseline against a replicate of itself) "
+                             "must show no difference under every entry; a positive control (a known effect) must be "
+                             "supported under every entry. See the rules under Claims.")]
+    out.append(Bullets([f"**{c['name']}** ({c['role']}): {c['statement']} Wanted {c['want']}; got {c['agreement']} → "
+                        f"**{c['status']}**." for c in j.controls]))
+    rows = j.rows[j.rows["role"] != "claim"]
+    out.append(Table(_detail(rows), wide=True))
     return out
 
 
-def _cells_section(summary: pd.DataFrame) -> list[Block]:
+def _detail(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (claim, entry): the verdict first, then the numbers behind it."""
+    return pd.DataFrame({
+        "claim": rows["claim"], "entry": rows["entry"], "verdict": rows["verdict"], "effect": rows["effect"],
+        "95 % CI": [_ci(a, b) if st == "ok" else st for a, b, st in zip(rows["ci_low"], rows["ci_high"],
+                                                                        rows["status"])], "p": rows["p_value"],
+        "p (Holm)": rows["p_holm"], "MDE": rows["mde"], "MDE (null)": rows["mde_null"],
+        "baseline": rows["baseline_mean"], "variant": rows["variant_mean"],
+        "failed b / v": [f"{fb}/{ub} · {fv}/{uv}" for fb, ub, fv, uv in zip(
+            rows["failed_baseline"], rows["units_baseline"], rows["failed_variant"], rows["units_variant"])],
+        "test": rows["test"], "reason": rows["reason"]})
+
+
+def _claims_section(study: StudyData, j: verdicts.Judgement, fig_dir: Path) -> list[Block]:
+    out: list[Block] = [Heading(2, "Claims")]
+    if not study.claims:
+        return out + [Para("No claims were recorded for this study (`claims.json` on the parent run is missing or "
+                           "empty).")]
+    out.append(Bullets(list(verdicts.RULES) + [
+        "Wilcoxon's signed-rank test is not used: with n = 3 pairs its smallest possible two-sided p is 0.25, so it "
+        "can never reject.",
+        "MDE: the minimum detectable effect at 80 % power, 5 % two-sided, from the claim's own paired SD; "
+        "MDE (null): the same from the null control's SD on that metric and entry."]))
+    claims = j.rows[j.rows["role"] == "claim"]
+    if len(claims):
+        out.append(Table(_detail(claims), wide=True))
+    out.append(Bullets([f"**{c.get('name', '?')}**: {c.get('statement', '')} (expects "
+                        f"{str(c.get('expect', '')).replace('_', ' ')}, {c.get('metric', '')} "
+                        f"{c.get('better', '')} is better; baseline {verdicts.arm_str(c.get('baseline', {}))}, "
+                        f"variant {verdicts.arm_str(c.get('variant', {}))})" for c in study.claims]))
+    if (stem := figures.effects_forest(j.rows, fig_dir)) is not None:
+        out.append(Fig(stem, "Effect (variant − baseline) with 95 % t-CI per claim and sampling-panel entry; colour: "
+                             "verdict, marker: entry. Metrics that are constant or missing are not drawn."))
+    panels = []
+    for c in study.claims:
+        name = str(c.get("name", "?"))
+        sub = j.rows[j.rows["claim"] == name]
+        if sub.empty:
+            continue
+        summary = j.claims[j.claims["claim"] == name].iloc[0]
+        panels.append({"claim": name, "verdict": summary["verdict"], "metric": sub["metric"].iloc[0],
+                       "names": verdicts.arm_names(c),
+                       "masks": (verdicts.arm_mask(study, dict(c.get("baseline", {}))),
+                                 verdicts.arm_mask(study, dict(c.get("variant", {})))),
+                       "columns": dict(zip(sub["entry"], sub["column"])),
+                       "verdicts": dict(zip(sub["entry"], sub["verdict"]))})
+    if (stem := figures.claim_arms(study.trials, panels, fig_dir)) is not None:
+        out.append(Fig(stem, "Each claim on its own metric under each panel entry: per-seed values of both arms "
+                             "(named by their settings; grey lines join a seed's pair), mean ± 95 % t-CI, the entry's "
+                             "verdict under its name. Claims on a constant or missing metric are not drawn."))
+    sec = j.secondary[j.secondary["status"] != "constant"] if len(j.secondary) else j.secondary
+    if len(sec):
+        out += [Para(f"Other headline scores for the same contrasts under the primary entry {study.panel.primary} "
+                     "(no verdict; they are not what the claim states):"),
+                Table(sec.assign(**{"95 % CI": [_ci(a, b) if st == "ok" else st for a, b, st in
+                                                zip(sec["ci_low"], sec["ci_high"], sec["status"])]})[
+                    ["claim", "metric", "n_baseline", "n_variant", "effect", "95 % CI", "p_value", "test"]])]
+    return out
+
+
+def _learning_section(study: StudyData, j: verdicts.Judgement, pick: learning.BudgetPick,
+                      fig_dir: Path) -> list[Block]:
+    out: list[Block] = [Heading(2, "Learning curve and the budget it picks"),
+                        Para(f"Budgets {pick.budgets}. Rule: {learning.RULE}"), Para(pick.why)]
+    stem = figures.learning_curves(pick.curves, list(HEADLINE_SCORES), list(study.panel.entries), fig_dir,
+                                   bar=verdicts.ORACLE_BAR, ceiling=j.baseline_bar.get("ceiling"), picked=pick.picked)
+    if stem is None:
+        out.append(Para("No panel score was logged at the budgets; there is no curve to draw."))
+    else:
+        out.append(Fig(stem, "Each panel score against the training budget, one line per sampling-panel entry: seed "
+                             "mean with a marker at every budget, band = 95 % t-CI across seeds; dashed: the oracle "
+                             "bar, dotted: the oracle's ceiling on real images, dash-dot: the picked budget. Constant "
+                             "scores are not drawn."))
+    if not pick.table.empty:
+        out.append(Table(pick.table, wide=True))
+    return out
+
+
+def _cells_section(summary: pd.DataFrame, main: list[str], other: list[str]) -> list[Block]:
     out: list[Block] = [Heading(2, "Design cells"),
                         Para("Mean [95 % t-interval] across seeds per cell (completed trials; `seeds` lists them; "
-                             "with one seed no interval exists). `FID n_gen/n_ref` are the generated and reference "
-                             "image counts behind each FID and KID: scores on different counts are not comparable. "
-                             "Tidy long form with every count: `cells.csv`.")]
+                             "with one seed no interval exists), under the primary panel entry; the other entries "
+                             "follow. `FID n_gen/n_ref` are the generated and reference image counts behind each FID "
+                             "and KID: scores on different counts are not comparable. Tidy long form with every "
+                             "count: `cells.csv`.")]
     if summary.empty:
         return out + [Para("No completed trial logged a final metric.")]
-    # Wide for reading (one row per cell, "mean [CI]" per metric); cells.csv keeps the tidy long form.
-    text = summary.assign(value=[f"{fmt_value(m)} {_ci(a, b)}" if n > 1 else f"{fmt_value(m)} (n=1)"
-                                 for m, a, b, n in zip(summary["mean"], summary["ci_low"], summary["ci_high"],
-                                                       summary["n"])])
-    wide = text.pivot(index="cell", columns="metric", values="value")
-    wide = wide[[m for m in dict.fromkeys(summary["metric"])]]
-    first = summary.drop_duplicates("cell").set_index("cell")
-    fid_counts = summary[summary["metric"] == "fid"].set_index("cell")
-    wide.insert(0, "seeds", first["seeds"])
-    if "fid" in wide:
-        wide.insert(list(wide.columns).index("fid") + 1, "FID n_gen/n_ref",
-                    [f"{fid_counts.loc[c, 'n_gen']}/{fid_counts.loc[c, 'n_ref']}" if c in fid_counts.index else "–"
-                     for c in wide.index])
-    wide = wide.reset_index()
-    wide["cell"] = wide["cell"].map(figures.cell_label)
-    return out + [Table(wide.fillna("–"))]
+    for metrics, wide in ((main, False), (other, True)):
+        sub = summary[summary["metric"].isin(metrics)]
+        if sub.empty:
+            continue
+        # Wide for reading (one row per cell, "mean [CI]" per metric); cells.csv keeps the tidy long form.
+        text = sub.assign(value=[f"{fmt_value(m)} {_ci(a, b)}" if n > 1 else f"{fmt_value(m)} (n=1)"
+                                 for m, a, b, n in zip(sub["mean"], sub["ci_low"], sub["ci_high"], sub["n"])])
+        table = text.pivot(index="cell", columns="metric", values="value")
+        table = table[[m for m in metrics if m in table.columns]]
+        first = sub.drop_duplicates("cell").set_index("cell")
+        table.insert(0, "seeds", first["seeds"])
+        fid = next((m for m in metrics if m.split("/")[0] == "fid" and m in table.columns), None)
+        if fid is not None and not wide:
+            counts = sub[sub["metric"] == fid].set_index("cell")
+            table.insert(list(table.columns).index(fid) + 1, "FID n_gen/n_ref",
+                         [f"{counts.loc[c, 'n_gen']}/{counts.loc[c, 'n_ref']}" if c in counts.index else "–"
+                          for c in table.index])
+        table = table.reset_index()
+        table["cell"] = table["cell"].map(figures.cell_label)
+        out.append(Table(table.fillna("–"), wide=wide))
+    return out
 
 
 def _missing_section(study: StudyData, missing: pd.DataFrame) -> list[Block]:
@@ -200,7 +401,8 @@ def _missing_section(study: StudyData, missing: pd.DataFrame) -> list[Block]:
                         "(not started, or the study is still running)."))
     if missing.empty:
         return out + [Para("None: every design cell has a completed trial for every seed.")]
-    return out + [Para(f"{len(missing)} trial(s) did not contribute; statistics above use completed trials only."),
+    return out + [Para(f"{len(missing)} trial(s) did not contribute a value. Failed and pruned trials count against "
+                       "their arm in every claim (see the rules); statistics use completed trials."),
                   Table(missing.assign(cell=missing["cell"].map(figures.cell_label),
                                        trial=missing["trial"].map(lambda t: "–" if t < 0 else str(t))))]
 
@@ -210,7 +412,7 @@ def _axis_by_run(study: StudyData, axis: str) -> pd.Series:
                       for rid, cell in zip(study.trials["run_id"], study.trials["cell"])}, dtype=object)
 
 
-def _dynamics_section(study: StudyData, fig_dir: Path) -> list[Block]:
+def _dynamics_section(study: StudyData, fig_dir: Path) -> tuple[timestep.RatioTable, list[Block]]:
     out: list[Block] = [Heading(2, "Training dynamics")]
     cells = study.trials.set_index("run_id")["cell"]
     sampler = _axis_by_run(study, SAMPLER_AXIS)
@@ -223,14 +425,15 @@ def _dynamics_section(study: StudyData, fig_dir: Path) -> list[Block]:
         hue, hue_name, facet = cells.map(figures.cell_label), "cell", None
     # Completed trials only: a pruned trial's last eval is at an earlier step, so its profile is not comparable.
     done = set(study.trials.loc[study.trials["status"] == "COMPLETE", "run_id"])
-    ts = study.timestep_loss[study.timestep_loss["run_id"].isin(done)]
-    stem = figures.timestep_profile(ts, hue, hue_name, facet, fig_dir)
+    last = timestep.last_eval(study.timestep_loss[study.timestep_loss["run_id"].isin(done)])
+    table = timestep.ratios(last, sampler, facet) if hue_name == SAMPLER_AXIS else timestep.ratios(
+        last.iloc[0:0], sampler, None)
+    stem = figures.timestep_profile(last, hue, hue_name, facet, table, fig_dir)
     if stem is None:
         out.append(Para("No completed trial logged `timestep_loss.json`; the loss-over-timestep profile is not "
                         "available."))
     else:
-        out.append(Fig(stem, "Held-out loss per timestep bucket at each run's last evaluation, mean and 95 % t-CI "
-                             "across seeds. A sampler that neglects later time steps shows a higher loss there."))
+        out.append(Fig(stem, _timestep_caption(table)))
     varying = [a for a in study.axes if study.trials[a].nunique(dropna=True) > 1]
     pair = [_axis_by_run(study, a).rename(a) for a in varying] if len(varying) == 2 else [None, None]
     stem = figures.step_curves(study.steps[study.steps["run_id"].isin(done)], fig_dir, *pair)
@@ -238,41 +441,92 @@ def _dynamics_section(study: StudyData, fig_dir: Path) -> list[Block]:
         out.append(Para("No trial logged `train_loss`/`heldout_loss` series."))
     else:
         out.append(Fig(stem, "Training and held-out loss against training step per design cell, completed trials "
-                             "(95 % t-CI across seeds)."))
-    return out
+                             "(95 % t-CI across seeds; on a log axis a band that reaches 0 is cut at the chart's edge)."))
+    return table, out
+
+
+def _timestep_caption(table: timestep.RatioTable) -> str:
+    base = ("Held-out loss per timestep bucket at each run's last evaluation, mean and 95 % t-CI across seeds.")
+    sentences, match = timestep.findings(table)
+    if match == "no data":
+        return base
+    return (base + " Lower panels: loss relative to uniform, per seed, with its 95 % t-CI. What the data show "
+            "(paired by seed, Holm across buckets): " + "; ".join(sentences) + ". Against " + timestep.HYPOTHESIS +
+            ": " + timestep.VERDICT_TEXT[match])
+
+
+def _scores_section(study: StudyData, fig_dir: Path, learning_curve: bool) -> list[Block]:
+    out: list[Block] = []
+    if not learning_curve:  # a learning curve draws FID against the budget already
+        stem = figures.score_steps(study.histories, "fid", fig_dir, "fid_steps")
+        if stem is not None:
+            out.append(Fig(stem, "FID against training step where it was logged at several steps, per design cell "
+                                 "and panel entry (95 % t-CI across seeds)."))
+    stem = figures.fid_bootstrap(study.trials, list(study.panel.entries), fig_dir)
+    if stem is not None:
+        out.append(Fig(stem, "Each completed trial's FID with its bootstrap 95 % CI over images, per design cell (one "
+                             "line per seed) and panel entry: the image-sampling noise inside one trial. Verdicts use "
+                             "the spread across seeds, which includes it."))
+    return [Heading(2, "Scores"), *out] if out else []
 
 
 def _samples_section(study: StudyData, fig_dir: Path) -> list[Block]:
     out: list[Block] = [Heading(2, "Samples")]
-    t = study.trials
-    picks: dict[str, str] = {}
-    for cell, group in t.sort_values(["seed", "trial"], kind="stable").groupby("cell", sort=True):
-        # Seed 0 where it exists, so each cell shows the same prompts and sampling noise.
-        picks[group.iloc[0]["run_id"]] = (f"{figures.cell_label(cell, chr(10))}\nseed {group.iloc[0]['seed']}, "
-                                          f"{group.iloc[0]['status']}")
+    t = study.trials.sort_values(["seed", "trial"], kind="stable")
+    rows: list[tuple[str, list[tuple[str, str]]]] = []
+    for cell, group in t.groupby("cell", sort=True):
+        # The lowest seeds, so each cell shows the same prompts and sampling noise side by side.
+        picks = group.drop_duplicates("seed").head(SAMPLE_SEEDS)
+        rows.append((figures.cell_label(cell, "\n"), [(r["run_id"], f"seed {r['seed']}, {r['status']}")
+                                                for _, r in picks.iterrows()]))
+    rows = rows[:SAMPLE_CELLS]
+    run_ids = [rid for _, cols in rows for rid, _ in cols]
     with tempfile.TemporaryDirectory(prefix="diffablate-samples-") as tmp:
-        images = download_samples(study, list(picks)[:16], Path(tmp))
-        stem = figures.sample_grids(images, {k: picks[k] for k in images}, fig_dir)
+        images = download_samples(study, run_ids, Path(tmp))
+        real = download_samples(study, [study.parent_run_id, *run_ids], Path(tmp) / "real", REAL_ARTIFACT)
+        real_path = real.get(study.parent_run_id) or next(iter(real.values()), None)
+        stem = figures.sample_grids(images, rows, fig_dir, real_path)
     if stem is None:
         return out + [Para("No trial logged `samples/final.png`.")]
-    lacking = len(picks) - len(images)
-    note = f" {lacking} cell(s) had no sample grid." if lacking else ""
-    return out + [Fig(stem, "Final samples per design cell (lowest seed, fixed prompts and sampling seeds)." + note)]
+    lacking = len(run_ids) - len(images)
+    note = f" {lacking} of the {len(run_ids)} chosen runs had no sample grid." if lacking else ""
+    real_note = (" The first row is real images for the same prompts." if real_path is not None else
+                 " No real-image grid (`samples/real.png`) was logged.")
+    out.append(Fig(stem, f"Final samples per design cell (rows) for up to {SAMPLE_SEEDS} seeds (columns); every grid "
+                         "uses the same prompts and sampling seeds." + real_note + note))
+    prompts = None
+    for rid in run_ids:
+        got = read_json_artifact(study, rid, PROMPTS_ARTIFACT)
+        if isinstance(got, dict) and isinstance(got.get("prompts"), list):
+            prompts = got
+            break
+    if prompts is not None:
+        how = ", ".join(f"{k} {prompts[k]}" for k in ("sampler", "steps", "guidance_scale", "seed") if k in prompts)
+        out.append(Para("Prompts, in grid order (left to right, then down, 4 per row)" + (f"; {how}" if how else "")
+                        + ":"))
+        out.append(Table(pd.DataFrame({"#": range(1, len(prompts["prompts"]) + 1),
+                                       "prompt": [str(p) for p in prompts["prompts"]]})))
+    else:
+        out.append(Para("No `samples/prompts.json` was logged; the grids' prompts are unknown."))
+    return out
 
 
 def _interaction_section(study: StudyData, metrics: list[str], fig_dir: Path) -> list[Block]:
-    if study.parent_tags.get("diffablate.kind") == "search":
-        return []  # searched values are sampled, not crossed: a two-axis mean table would be mostly empty cells
-    # Categorical-looking axes only: a searched continuous parameter would give one column per trial.
-    varying = [a for a in study.axes if 1 < study.trials[a].nunique(dropna=True) <= 8]
+    if study.parent_tags.get("diffablate.kind") in ("search", "one-at-a-time", "learning-curve"):
+        # Only crossed factors have interactions: searched values are sampled, one-at-a-time cells change one
+        # factor each, and a two-axis mean table of either would be mostly empty cells.
+        return []
+    # Categorical-looking axes only: a searched continuous parameter would give one column per trial. The
+    # null control's replicate index is not a factor.
+    varying = [a for a in study.axes if 1 < study.trials[a].nunique(dropna=True) <= 8
+               and not same_axis(a, verdicts.REPLICATE)]
     if len(varying) < 2:
         return []
     out: list[Block] = [Heading(2, "Interactions"),
-                        Para("Mean of each metric over pairs of design axes (completed trials; n = seeds per cell). "
-                             "Non-parallel rows indicate an interaction.")]
-    shown = [m for m in metrics if m in stats.HEADLINE_METRICS] or metrics[:1]
+                        Para("Mean of each metric over pairs of design axes (completed trials; n = seeds per cell; "
+                             "sampling scores under the primary entry). Non-parallel rows indicate an interaction.")]
     for a, b in itertools.combinations(varying[:3], 2):
-        if (stem := figures.interaction_heatmaps(study.trials, a, b, shown, fig_dir)) is not None:
+        if (stem := figures.interaction_heatmaps(study.trials, a, b, metrics, fig_dir)) is not None:
             out.append(Fig(stem, f"Mean of each metric by {a} × {b}."))
     return out
 
@@ -294,10 +548,34 @@ def _search_section(study: StudyData, storage: str | None, fig_dir: Path) -> lis
     return out
 
 
-def _trials_section(trials: pd.DataFrame, metrics: list[str]) -> list[Block]:
-    cols = ["trial", "cell", "seed", "status", *[m for m in ("fid", "fid_n_gen", "fid_n_ref") if m in trials],
-            *[m for m in metrics if m != "fid"], "fail_reason"]
-    show = trials[cols].assign(cell=trials["cell"].map(figures.cell_label))
-    counts = {c: (lambda v: fmt_value(v) if pd.isna(v) else str(int(v))) for c in ("fid_n_gen", "fid_n_ref")}
+def _trials_section(study: StudyData, metrics: list[str], ui: str | None) -> list[Block]:
+    trials = study.trials
+    primary = study.panel.primary
+    fid = study.column("fid", primary)
+    show = pd.DataFrame({"trial": trials["trial"], "cell": trials["cell"].map(figures.cell_label),
+                         "seed": trials["seed"], "status": trials["status"]})
+    if fid in trials:
+        lo, hi = study.column("fid_ci_low", primary), study.column("fid_ci_high", primary)
+        show[f"{fid} [bootstrap CI]"] = [
+            fmt_value(v) + (f" [{a:.4g}, {b:.4g}]" if lo in trials and not pd.isna(a) else "")
+            for v, a, b in zip(trials[fid], trials.get(lo, trials[fid]), trials.get(hi, trials[fid]))]
+        n_gen = study.column("fid_n_gen", primary)
+        if n_gen in trials:
+            show["FID n_gen"] = trials[n_gen].map(lambda v: fmt_value(v) if pd.isna(v) else str(int(v)))
+    for m in metrics:
+        if m != fid:
+            show[m] = trials[m]
+    show["fail_reason"] = trials["fail_reason"]
+    show["MLflow run"] = [repro.run_link(study, rid, ui) for rid in trials["run_id"]]
     return [Heading(2, "All trials"), Para("Full table with every final metric and run id: `trials.csv`."),
-            Table(show, counts)]
+            Table(show, wide=True)]
+
+
+def _reference_run(study: StudyData) -> str | None:
+    """A completed baseline trial (the lowest trial number), whose resolved config the report shows."""
+    arm = verdicts.baseline_arm(study)
+    t = study.trials
+    mask = verdicts.arm_mask(study, arm) if arm is not None else pd.Series(True, index=t.index)
+    done = t[mask & (t["status"] == "COMPLETE")]
+    pool = done if len(done) else t
+    return str(pool.iloc[0]["run_id"]) if len(pool) else None

@@ -23,10 +23,14 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from diffablate.reports.stats import LEVEL, sample_counts, t_errorbar, t_interval
+from diffablate.reports.timestep import RatioTable
 
 PALETTE = "colorblind"  # seaborn's 10-colour palette, distinguishable under the common colour-vision deficiencies
-VERDICT_COLOURS = dict(zip(["supported", "contradicted", "inconclusive", "secondary"],
-                           [sns.color_palette(PALETTE)[i] for i in (2, 3, 7, 7)]))
+_C = sns.color_palette(PALETTE)
+VERDICT_COLOURS = {"supported": _C[2], "contradicted": _C[3], "inconclusive": _C[7], "degenerate": _C[5],
+                   "untested": _C[7], "no difference": _C[2], "difference": _C[3], "not checked": _C[7]}
+ENTRY_MARKERS = "os^Dvp*h"
+SPARSE = 30  # a curve with at most this many points gets a marker on each (interpolated lines hide gaps)
 DPI = 110
 MAX_LEGEND = 12  # beyond this many lines (e.g. a search's one-trial cells) a legend is unreadable; it is left out
 
@@ -66,9 +70,22 @@ def _legend_below(ax: Any, title: str | None, n: int) -> None:
                     frameon=False)
 
 
-def _log_y(ax: Any) -> None:
-    """Log y axis with plain tick labels (0.06, not 6×10⁻²)."""
+def wants_log(values: Any) -> bool:
+    """A log axis when every value is positive and they span more than a factor of 10."""
+    v = pd.Series(values, dtype=float).dropna()
+    return bool(len(v) and (v > 0).all() and v.max() / max(v.min(), 1e-300) > 10)
+
+
+def _log_y(ax: Any, values: Any) -> None:
+    """Log y axis with plain tick labels (0.06, not 6×10⁻²), limited to the data.
+
+    The limits come from the plotted values, not from the bands: an n = 2 t-interval (t = 12.7) often reaches
+    below zero, and autoscaling to it would squash the curves into a corner or drop the band off the chart;
+    clipped at the data's range, the band runs to the axis edge instead."""
+    v = pd.Series(values, dtype=float).dropna()
     ax.set_yscale("log")
+    if len(v) and (v > 0).all():
+        ax.set_ylim(float(v.min()) / 1.3, float(v.max()) * 1.3)
     ax.yaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     # Label only the 2x and 5x minor ticks: all eight per decade overlap.
     ax.yaxis.set_minor_formatter(mpl.ticker.FuncFormatter(
@@ -78,80 +95,104 @@ def _log_y(ax: Any) -> None:
 # --- claims ---------------------------------------------------------------------------------------------
 
 
-def effects_forest(effects: pd.DataFrame, out_dir: Path) -> str | None:
-    """Effect (variant − baseline) ± 95 % CI per claim, one panel per metric; colour = verdict."""
-    if effects.empty:
+def _informative(rows: pd.DataFrame) -> bool:
+    """A panel is worth drawing when some row has a finite effect and not every row is a constant metric."""
+    return bool(rows["effect"].notna().any() and (rows["status"] != "constant").any())
+
+
+def effects_forest(rows: pd.DataFrame, out_dir: Path) -> str | None:
+    """Effect (variant − baseline) ± 95 % CI per claim and panel entry, one panel per metric; colour =
+    verdict, marker = entry. Metrics with nothing to show (no data, constant) get no panel."""
+    if rows.empty:
         return None
-    metrics = list(dict.fromkeys(effects["metric"]))
-    claims = list(dict.fromkeys(effects["claim"]))
-    height = 1.2 + 0.45 * len(claims)
+    metrics = [m for m in dict.fromkeys(rows["metric"]) if _informative(rows[rows["metric"] == m])]
+    if not metrics:
+        return None
+    rows = rows[rows["metric"].isin(metrics)]
+    claims = list(dict.fromkeys(rows["claim"]))
+    entries = list(dict.fromkeys(rows["entry"]))
+    markers = dict(zip(entries, ENTRY_MARKERS * 2))
+    step = 0.7 / max(1, len(entries))
+    height = 1.6 + 0.3 * len(claims) * max(1, min(len(entries), 4))
     with theme():
-        fig = Figure(figsize=(3.2 * len(metrics) + 1.8, height), layout="constrained")
+        fig = Figure(figsize=(3.4 * len(metrics) + 2.2, height), layout="constrained")
         axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
         for ax, metric in zip(axes, metrics):
-            sub = effects[effects["metric"] == metric]
-            for _, r in sub.iterrows():
-                y = claims.index(r["claim"])
-                key = r["verdict"] if r["primary"] else "secondary"
-                colour = VERDICT_COLOURS[key]
+            for _, r in rows[rows["metric"] == metric].iterrows():
+                y = claims.index(r["claim"]) + (entries.index(r["entry"]) - (len(entries) - 1) / 2) * step
+                colour = VERDICT_COLOURS.get(r["verdict"], "0.4")
                 if not math.isnan(r["ci_low"]):
                     ax.plot([r["ci_low"], r["ci_high"]], [y, y], color=colour, lw=2)
-                ax.plot([r["effect"]], [y], "o", color=colour, mfc=colour if r["primary"] else "white", ms=7)
+                if not math.isnan(r["effect"]):
+                    ax.plot([r["effect"]], [y], markers[r["entry"]], color=colour, ms=6)
             ax.axvline(0, color="0.3", lw=0.8, ls="--")
             ax.set_title(metric)
             ax.set_xlabel("variant − baseline")
             ax.set_yticks(range(len(claims)), [textwrap.fill(c, 28) for c in claims])
             ax.set_ylim(len(claims) - 0.5, -0.5)
-        handles = [mpl.lines.Line2D([], [], color=VERDICT_COLOURS[k], marker="o", lw=2,
-                                    mfc=VERDICT_COLOURS[k] if k != "secondary" else "white", label=k)
-                   for k in VERDICT_COLOURS]
-        fig.legend(handles=handles, loc="outside lower center", ncol=4, frameon=False,
-                   title="verdict (filled: the claim's metric; hollow: other metrics, no verdict)")
+        shown = list(dict.fromkeys(rows["verdict"]))
+        handles = [mpl.lines.Line2D([], [], color=VERDICT_COLOURS.get(k, "0.4"), lw=2, label=k) for k in shown]
+        handles += [mpl.lines.Line2D([], [], color="0.3", marker=markers[e], ls="", label=e) for e in entries
+                    if e != "–"]
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(6, len(handles)), frameon=False,
+                   title="colour: verdict · marker: sampling-panel entry")
         return save(fig, out_dir, "effects_forest")
 
 
-def claim_arms(trials: pd.DataFrame, arms: list[tuple[str, str, pd.Series, pd.Series]], effects: pd.DataFrame,
-               out_dir: Path) -> str | None:
-    """One panel per claim on its own metric: per-seed baseline and variant values (shared seeds joined),
-    mean ± 95 % t-CI, the effect and verdict in the title.
+def claim_arms(trials: pd.DataFrame, panels: list[dict[str, Any]], out_dir: Path) -> str | None:
+    """One panel per claim: per-seed values of both arms under each judged entry (seeds joined), mean ±
+    95 % t-CI, the arms named by their axis values, each entry's verdict under its tick.
 
-    ``arms``: (claim name, metric, baseline mask, variant mask) per claim, masks over ``trials`` rows.
+    ``panels``: dicts with claim, verdict, names (baseline, variant), masks (baseline, variant), columns
+    {entry: trials column}, verdicts {entry: verdict}. Claims whose metric is absent or constant are skipped.
     """
-    arms = [a for a in arms if a[1] in trials]
-    if not arms:
-        return None
     done = trials["status"] == "COMPLETE"
+    keep = []
+    for p in panels:
+        cols = [c for c in p["columns"].values() if c in trials]
+        vals = trials.loc[done & (p["masks"][0] | p["masks"][1]), cols].stack() if cols else pd.Series(dtype=float)
+        if len(vals) and vals.nunique() > 1:
+            keep.append(p)
+    if not keep:
+        return None
     colours = sns.color_palette(PALETTE)[:2]
-    ncol = min(4, len(arms))
-    nrow = math.ceil(len(arms) / ncol)
+    ncol = min(3, len(keep))
+    nrow = math.ceil(len(keep) / ncol)
+    widest = max(len(p["columns"]) for p in keep)
     with theme():
-        fig = Figure(figsize=(3.0 * ncol + 0.4, 3.7 * nrow), layout="constrained")
+        fig = Figure(figsize=(ncol * (2.2 + 1.1 * widest) + 0.6, 4.4 * nrow), layout="constrained")
         axes = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False).ravel())
-        for ax, (claim, metric, base, var) in zip(axes, arms):
-            eff = effects[(effects["claim"] == claim) & (effects["metric"] == metric)].iloc[0]
-            # Per seed, averaged over the other design axes: the same unit the test uses.
-            per_seed = {a: trials[m & done].groupby("seed")[metric].mean().dropna()
-                        for a, m in (("baseline", base), ("variant", var))}
-            for seed in sorted(set(per_seed["baseline"].index) & set(per_seed["variant"].index)):
-                ax.plot([0, 1], [per_seed["baseline"][seed], per_seed["variant"][seed]], color="0.75", lw=0.8, zorder=1)
-            for x, (arm, values) in enumerate(per_seed.items()):
-                ax.scatter(np.full(len(values), x), values, color=colours[x], s=18, zorder=2)
-                mean, lo, hi, n = t_interval(values)
-                if n:
-                    err = None if math.isnan(lo) else [[mean - lo], [hi - mean]]
-                    ax.errorbar([x + 0.15], [mean], yerr=err, fmt="D", color=colours[x], capsize=4, ms=5, zorder=3)
-            ax.set_xticks([0, 1], [f"baseline\nn={len(per_seed['baseline'])}",
-                                   f"variant\nn={len(per_seed['variant'])}"])
-            ax.set_xlim(-0.5, 1.6)
-            counts = sample_counts(trials[(base | var) & done], metric)
+        for ax, p in zip(axes, keep):
+            entries = list(p["columns"])
+            for k, entry in enumerate(entries):
+                col = p["columns"][entry]
+                if col not in trials:
+                    continue
+                # Per seed, averaged over the other design axes: the same unit the test uses.
+                per_seed = [trials[m & done].groupby("seed")[col].mean().dropna() for m in p["masks"]]
+                xs = (k - 0.18, k + 0.18)
+                for seed in sorted(set(per_seed[0].index) & set(per_seed[1].index)):
+                    ax.plot(xs, [per_seed[0][seed], per_seed[1][seed]], color="0.75", lw=0.8, zorder=1)
+                for a, values in enumerate(per_seed):
+                    ax.scatter(np.full(len(values), xs[a]), values, color=colours[a], s=16, zorder=2,
+                               label=f"{p['names'][a]} (n={len(values)})" if k == 0 else None)
+                    mean, lo, hi, n = t_interval(values)
+                    if n:
+                        err = None if math.isnan(lo) else [[mean - lo], [hi - mean]]
+                        ax.errorbar([xs[a] + (0.09 if a else -0.09)], [mean], yerr=err, fmt="D", color=colours[a],
+                                    capsize=3, ms=4, zorder=3)
+            ax.set_xticks(range(len(entries)), [f"{e}\n{p['verdicts'].get(e, '')}" for e in entries],
+                          fontsize="x-small")
+            ax.set_xlim(-0.6, len(entries) - 0.4)
+            first = p["columns"][entries[0]]
+            counts = sample_counts(trials[(p["masks"][0] | p["masks"][1]) & done], first)
             # The image counts behind an FID travel with it, in the figure as in the tables.
-            ax.set_ylabel(metric + (f"  (n_gen {counts['n_gen']}, n_ref {counts['n_ref']})"
-                                    if counts.get("n_ref") else ""))
-            ci = "no CI" if math.isnan(eff["ci_low"]) else f"CI [{eff['ci_low']:.3g}, {eff['ci_high']:.3g}]"
-            ax.set_title(f"{textwrap.shorten(claim, 30)}\nΔ = {eff['effect']:.3g}, {ci}\n{eff['verdict']}",
-                         fontsize="small", color=VERDICT_COLOURS[eff["verdict"]] if eff["verdict"] != "inconclusive"
-                         else "0.2")
-        for ax in axes[len(arms):]:
+            ax.set_ylabel(p["metric"] + (f"  (n_gen {counts['n_gen']}, n_ref {counts['n_ref']})"
+                                         if counts.get("n_ref") else ""))
+            ax.set_title(f"{textwrap.shorten(p['claim'], 34)}\n{p['verdict']}", fontsize="small")
+            # Below the panel: inside it, the arm names would cover the points they name.
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize="x-small", frameon=False)
+        for ax in axes[len(keep):]:
             ax.set_visible(False)
         return save(fig, out_dir, "claims")
 
@@ -159,27 +200,27 @@ def claim_arms(trials: pd.DataFrame, arms: list[tuple[str, str, pd.Series, pd.Se
 # --- training dynamics ------------------------------------------------------------------------------------
 
 
-def timestep_profile(timestep: pd.DataFrame, hue: pd.Series, hue_name: str, facet: pd.Series | None,
-                     out_dir: Path, reference: str = "uniform") -> str | None:
+def timestep_profile(last: pd.DataFrame, hue: pd.Series, hue_name: str, facet: pd.Series | None,
+                     ratios: RatioTable, out_dir: Path, reference: str = "uniform") -> str | None:
     """Held-out loss per timestep bucket at each run's last eval: x = t_mid, hue = sampler, t-CI across seeds.
 
     ``hue`` and ``facet`` map run_id -> label (facet: the other design axes, one panel each). When the
-    ``reference`` sampler is present beside others, a panel under each shows every sampler's mean loss divided
-    by the reference's per bucket: on a log-loss plot the curves converge, while the ratio shows directly
-    which timesteps a sampler neglects (ratio > 1).
+    ``reference`` sampler is present beside others, a panel under each shows every sampler's loss divided
+    by the reference's, per seed, with its 95 % t-CI (``ratios``, from reports/timestep.py): on a log-loss
+    plot the curves converge, while the ratio shows directly where a sampler's loss differs (ratio > 1: higher).
     """
-    if timestep.empty:
+    if last.empty:
         return None
-    last = timestep[timestep["step"] == timestep.groupby("run_id")["step"].transform("max")].copy()
+    last = last.copy()
     last[hue_name] = last["run_id"].map(hue)
     last["facet"] = last["run_id"].map(facet) if facet is not None else ""
     facets = sorted(last["facet"].unique())[:9]
     order = sorted(last[hue_name].dropna().unique())
     colours = dict(zip(order, sns.color_palette(PALETTE, len(order))))
-    ratio = reference in order and len(order) > 1
+    ratio = reference in order and len(order) > 1 and not ratios.summary.empty
     ncol = min(3, len(facets))
     nrow = math.ceil(len(facets) / ncol)
-    log = bool((last["loss"] > 0).all() and last["loss"].max() / max(last["loss"].min(), 1e-12) > 10)
+    log = wants_log(last["loss"])
     with theme():
         heights = [3, 1.8] * nrow if ratio else [3] * nrow
         fig = Figure(figsize=(4.6 * ncol, sum(heights) * 1.1 + 0.9), layout="constrained")
@@ -194,19 +235,30 @@ def timestep_profile(timestep: pd.DataFrame, hue: pd.Series, hue_name: str, face
             ax.set_xlabel("" if ratio else "timestep t (bucket midpoint)")
             ax.set_ylabel("held-out loss at last eval")
             if log:
-                _log_y(ax)
+                _log_y(ax, data["loss"])
             if fac:
                 ax.set_title(textwrap.fill(cell_label(fac), 50))
             if ratio:
                 rax = grid[(i // ncol) * 2 + 1, i % ncol]
-                means = data.groupby([hue_name, "t_mid"])["loss"].mean().unstack(0)
+                s = ratios.summary[ratios.summary["facet"] == fac]
                 for name in order:
-                    if name in means and reference in means:
-                        rax.plot(means.index, means[name] / means[reference], marker="o", ms=3, color=colours[name])
+                    g = s[s["sampler"] == name].sort_values("t_mid")
+                    if g.empty:
+                        continue
+                    rax.plot(g["t_mid"], g["mean"], marker="o", ms=3, color=colours[name])
+                    ok = g["ci_low"].notna()
+                    rax.fill_between(g.loc[ok, "t_mid"], g.loc[ok, "ci_low"], g.loc[ok, "ci_high"],
+                                     color=colours[name], alpha=0.18, lw=0)
                 rax.axhline(1.0, color="0.3", lw=0.8, ls="--")
                 rax.set_xlabel("timestep t (bucket midpoint)")
                 rax.set_ylabel(f"loss / {reference}")
                 rax.sharex(ax)
+                # Limits from the ratios themselves: an n = 2 band must not stretch the panel flat.
+                per_seed = ratios.per_seed[ratios.per_seed["facet"] == fac]["ratio"]
+                if len(per_seed):
+                    lo, hi = float(per_seed.min()), float(per_seed.max())
+                    pad = 0.08 * max(hi - lo, 0.02)
+                    rax.set_ylim(min(lo, 1.0) - pad, max(hi, 1.0) + pad)
         for i in range(len(facets), nrow * ncol):
             loss_axes[i].set_visible(False)
             if ratio:
@@ -221,7 +273,7 @@ def timestep_profile(timestep: pd.DataFrame, hue: pd.Series, hue_name: str, face
 
 def step_curves(steps: pd.DataFrame, out_dir: Path, hue: pd.Series | None = None,
                 style: pd.Series | None = None) -> str | None:
-    """train_loss and heldout_loss vs step, t-CI band across seeds.
+    """train_loss and heldout_loss vs step, t-CI band across seeds; markers on sparse curves.
 
     One line per design cell; with two design axes, ``hue``/``style`` (run_id -> axis value) draw one axis as
     colour and the other as dash pattern, which stays readable where six colours would not.
@@ -244,12 +296,16 @@ def step_curves(steps: pd.DataFrame, out_dir: Path, hue: pd.Series | None = None
         axes = fig.subplots(1, len(metrics), squeeze=False)[0]
         for ax, metric in zip(axes, metrics):
             d = data[data["metric"] == metric]
+            sparse = d.groupby("run_id")["step"].nunique().max() <= SPARSE
+            marks = {"markers": True, "dashes": True} if style_kw and sparse else \
+                {"marker": "o", "markersize": 4} if sparse else {}
             sns.lineplot(data=d, x="step", y="value", hue=hue_col, hue_order=order, errorbar=t_errorbar(), ax=ax,
-                         legend=ax is axes[0] and len(order) <= MAX_LEGEND, err_kws={"alpha": 0.12}, **style_kw)
+                         legend=ax is axes[0] and len(order) <= MAX_LEGEND, err_kws={"alpha": 0.12}, **style_kw,
+                         **marks)
             ax.set_ylabel(metric)
             ax.set_title(metric)
-            if (d["value"] > 0).all() and d["value"].max() / max(d["value"].min(), 1e-12) > 10:
-                _log_y(ax)
+            if wants_log(d["value"]):
+                _log_y(ax, d["value"])
         if axes[0].get_legend() is not None:
             handles, labels = axes[0].get_legend_handles_labels()
             axes[0].get_legend().remove()
@@ -260,26 +316,154 @@ def step_curves(steps: pd.DataFrame, out_dir: Path, hue: pd.Series | None = None
         return save(fig, out_dir, "steps")
 
 
+def score_steps(hist: pd.DataFrame, score: str, out_dir: Path, stem: str) -> str | None:
+    """One sampling score (e.g. FID) against training step per design cell, one panel per panel entry, where
+    some run logged it at two or more steps; markers, 95 % t-CI across seeds."""
+    h = hist[hist["score"] == score]
+    multi = h.groupby("run_id")["step"].nunique()
+    h = h[h["run_id"].isin(multi[multi >= 2].index)]
+    if h.empty:
+        return None
+    h = h.assign(**{"design cell": h["cell"].map(cell_label)})
+    entries = list(dict.fromkeys(h["entry"]))
+    order = sorted(h["design cell"].unique())
+    with theme():
+        fig = Figure(figsize=(4.2 * min(4, len(entries)) + 0.5, 3.9), layout="constrained")
+        axes = fig.subplots(1, min(4, len(entries)), squeeze=False, sharey=True)[0]
+        for ax, entry in zip(axes, entries):
+            d = h[h["entry"] == entry]
+            sns.lineplot(data=d, x="step", y="value", hue="design cell", hue_order=order, errorbar=t_errorbar(),
+                         marker="o", markersize=5, ax=ax, legend=ax is axes[0] and len(order) <= MAX_LEGEND)
+            ax.set_title(entry)
+            ax.set_ylabel(score)
+            if wants_log(h["value"]):
+                _log_y(ax, h["value"])
+        if axes[0].get_legend() is not None:
+            handles, labels = axes[0].get_legend_handles_labels()
+            axes[0].get_legend().remove()
+            fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False,
+                       title=f"design cell (band: {LEVEL:.0%} t-CI across seeds)")
+        return save(fig, out_dir, stem)
+
+
+def fid_bootstrap(trials: pd.DataFrame, entries: list[str], out_dir: Path) -> str | None:
+    """Each completed trial's FID with its bootstrap 95 % CI (over images), per design cell and panel entry:
+    the within-trial image noise, next to the seed-to-seed spread the verdicts use."""
+    entries = [e for e in entries if all(f"{s}/{e}" in trials for s in ("fid", "fid_ci_low", "fid_ci_high"))]
+    done = trials[trials["status"] == "COMPLETE"]
+    entries = [e for e in entries if done[f"fid/{e}"].notna().any()]
+    if not entries:
+        return None
+    cells = sorted(done["cell"].unique())
+    seeds = sorted(done["seed"].unique())
+    colours = dict(zip(seeds, sns.color_palette(PALETTE, len(seeds))))
+    show = entries[:4]
+    with theme():
+        fig = Figure(figsize=(3.4 * len(show) + 3.0, 1.6 + 0.42 * len(cells)), layout="constrained")
+        axes = fig.subplots(1, len(show), squeeze=False, sharey=True)[0]
+        for ax, entry in zip(axes, show):
+            for _, r in done.iterrows():
+                if pd.isna(r[f"fid/{entry}"]):
+                    continue
+                y = cells.index(r["cell"]) + (seeds.index(r["seed"]) - (len(seeds) - 1) / 2) * 0.7 / max(1, len(seeds))
+                lo, hi, v = r[f"fid_ci_low/{entry}"], r[f"fid_ci_high/{entry}"], r[f"fid/{entry}"]
+                if not (pd.isna(lo) or pd.isna(hi)):
+                    ax.plot([lo, hi], [y, y], color=colours[r["seed"]], lw=1.8)
+                ax.plot([v], [y], "o", color=colours[r["seed"]], ms=4)
+            ax.set_title(entry)
+            ax.set_xlabel("FID, bootstrap 95 % CI")
+            ax.set_yticks(range(len(cells)), [textwrap.fill(cell_label(c), 30) for c in cells])
+            ax.set_ylim(len(cells) - 0.5, -0.5)
+        handles = [mpl.lines.Line2D([], [], color=colours[s], marker="o", lw=1.8, label=f"seed {s}") for s in seeds]
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(6, len(seeds)), frameon=False)
+        return save(fig, out_dir, "fid_bootstrap")
+
+
+def learning_curves(curves: pd.DataFrame, scores: list[str], entries: list[str], out_dir: Path,
+                    bar: float | None = None, ceiling: float | None = None, picked: int | None = None) -> str | None:
+    """Each panel score against the training budget, one line per panel entry: seed mean, 95 % t-CI band,
+    a marker at every budget. Scores with no data or one constant value get no panel."""
+    shown = [s for s in scores if (curves["score"] == s).any() and curves.loc[curves["score"] == s, "value"].nunique() > 1]
+    if not shown:
+        return None
+    ncol = min(3, len(shown))
+    nrow = math.ceil(len(shown) / ncol)
+    colours = dict(zip(entries, sns.color_palette(PALETTE, len(entries))))
+    budgets = sorted(curves["budget"].unique())
+    log_x = len(budgets) > 1 and budgets[0] > 0 and budgets[-1] / budgets[0] >= 4
+    with theme():
+        fig = Figure(figsize=(4.4 * ncol, 3.4 * nrow + 0.6), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False).ravel())
+        for ax, score in zip(axes, shown):
+            d = curves[curves["score"] == score]
+            sns.lineplot(data=d, x="budget", y="value", hue="entry", hue_order=[e for e in entries if e in set(d["entry"])],
+                         palette=colours, errorbar=t_errorbar(), marker="o", markersize=5, ax=ax,
+                         legend=ax is axes[0])
+            if score == "oracle_acc" and bar is not None:
+                ax.axhline(bar, color="0.2", lw=0.9, ls="--")
+                ax.annotate(f"bar {bar:g}", (budgets[0], bar), fontsize="x-small", va="bottom")
+            if score == "oracle_acc" and ceiling is not None and not math.isnan(ceiling):
+                ax.axhline(ceiling, color=_C[2], lw=0.9, ls=":")
+                ax.annotate(f"ceiling {ceiling:.3g}", (budgets[0], ceiling), fontsize="x-small", va="top")
+            if picked is not None:
+                ax.axvline(picked, color="0.5", lw=0.9, ls="-.")
+            if log_x:
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(budgets, [str(b) for b in budgets])
+                ax.minorticks_off()
+            if wants_log(d["value"]):
+                _log_y(ax, d["value"])
+            ax.set_title(score)
+            ax.set_xlabel("training budget (steps)")
+            ax.set_ylabel(score)
+        for ax in axes[len(shown):]:
+            ax.set_visible(False)
+        if axes[0].get_legend() is not None:
+            handles, labels = axes[0].get_legend_handles_labels()
+            axes[0].get_legend().remove()
+            fig.legend(handles, labels, loc="outside lower center", ncol=min(6, len(labels)), frameon=False,
+                       title=f"panel entry (band: {LEVEL:.0%} t-CI across seeds; dash-dot: picked budget)")
+        return save(fig, out_dir, "learning_curve")
+
+
 # --- samples and interactions ------------------------------------------------------------------------------
 
 
-def sample_grids(images: dict[str, Path], titles: dict[str, str], out_dir: Path) -> str | None:
-    """The final sample grid of each cell side by side, titled by cell (same prompts and seeds across trials)."""
-    if not images:
+def sample_grids(images: dict[str, Path], rows: list[tuple[str, list[tuple[str, str]]]], out_dir: Path,
+                 real: Path | None = None) -> str | None:
+    """Final sample grids: one row per design cell, one column per seed (same prompts and sampling seeds in
+    every grid), with a row of real images for the same prompts first where the store has one.
+
+    ``rows``: (row label, [(run_id, column title), ...]); runs missing from ``images`` leave a blank cell.
+    """
+    rows = [(label, [(rid, t) for rid, t in cols if rid in images]) for label, cols in rows]
+    rows = [r for r in rows if r[1]]
+    if not rows:
         return None
-    keys = sorted(images, key=lambda k: titles[k])
-    ncol = min(4, len(keys))
-    nrow = math.ceil(len(keys) / ncol)
+    ncol = max(len(cols) for _, cols in rows)
+    grid_rows: list[tuple[str, list[tuple[Path, str]]]] = []
+    if real is not None:
+        grid_rows.append(("real images", [(real, "same prompts")]))
+    grid_rows += [(label, [(images[rid], t) for rid, t in cols]) for label, cols in rows]
     with theme():
-        fig = Figure(figsize=(3.3 * ncol, 3.7 * nrow), layout="constrained")
-        axes = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False).ravel())
-        for ax, key in zip(axes, keys):
-            with Image.open(images[key]) as im:
-                ax.imshow(np.asarray(im.convert("RGB")), interpolation="nearest")
-            ax.set_title(titles[key], fontsize="small")
-            ax.set_axis_off()
-        for ax in axes[len(keys):]:
-            ax.set_visible(False)
+        fig = Figure(figsize=(2.9 * ncol + 1.4, 3.1 * len(grid_rows)), layout="constrained")
+        axes = fig.subplots(len(grid_rows), ncol, squeeze=False)
+        for i, (label, cells) in enumerate(grid_rows):
+            for j in range(ncol):
+                ax = axes[i, j]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if j >= len(cells):
+                    ax.set_visible(False)
+                    continue
+                path, title = cells[j]
+                with Image.open(path) as im:
+                    ax.imshow(np.asarray(im.convert("RGB")), interpolation="nearest")
+                ax.set_title(title, fontsize="small")
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+                if j == 0:
+                    ax.set_ylabel(label, fontsize="small")
         return save(fig, out_dir, "samples")
 
 

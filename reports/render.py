@@ -41,10 +41,30 @@ class Bullets:
 
 @dataclass(frozen=True)
 class Table:
-    """A DataFrame rendered as a table; `formats` maps column -> cell formatter."""
+    """A DataFrame rendered as a table; `formats` maps column -> cell formatter. In HTML a ``wide`` table
+    scrolls sideways inside its own box instead of pushing columns off the page; ``css`` names its class."""
 
     frame: pd.DataFrame
     formats: dict[str, Callable[[Any], str]] = field(default_factory=dict)
+    wide: bool = False
+    css: str = ""
+
+
+@dataclass(frozen=True)
+class Callout:
+    """A boxed message: ``kind`` "danger" (the instrument failed, samples are noise), "warn", "ok" or "info"."""
+
+    kind: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Code:
+    """A block of text (a spec, a config) under a one-line summary; collapsed in HTML."""
+
+    summary: str
+    text: str
+    lang: str = ""
 
 
 @dataclass(frozen=True)
@@ -55,7 +75,7 @@ class Fig:
     caption: str
 
 
-Block = Union[Heading, Para, Bullets, Table, Fig]
+Block = Union[Heading, Para, Bullets, Table, Fig, Callout, Code]
 
 
 def fmt_value(value: Any) -> str:
@@ -92,31 +112,59 @@ def to_markdown(blocks: list[Block], fig_dir: str = "figures") -> str:
             out.append("\n".join(lines))
         elif isinstance(b, Fig):
             out.append(f"![{b.caption}]({fig_dir}/{b.stem}.png)\n\n*{b.caption}* ([SVG]({fig_dir}/{b.stem}.svg))")
+        elif isinstance(b, Callout):
+            mark = {"danger": "⛔ ", "warn": "⚠ ", "ok": "✅ "}.get(b.kind, "")
+            out.append("\n".join(f"> {mark if i == 0 else ''}{line}" for i, line in enumerate(b.text.split("\n"))))
+        elif isinstance(b, Code):
+            fence = "````" if "```" in b.text else "```"
+            out.append(f"**{b.summary}**\n\n{fence}{b.lang}\n{b.text.rstrip()}\n{fence}")
     return "\n\n".join(out) + "\n"
 
 
 def _inline(text: str) -> str:
-    s = html.escape(text, quote=False)
+    s = html.escape(text, quote=True)
     s = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", s)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+    s = re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+    # [text](url): only web and in-page links (the MLflow UI's); anything else stays text.
+    return re.sub(r"\[([^\]]+)\]\(((?:https?://|#)[^)\s]*)\)", r'<a href="\2">\1</a>', s)
 
 
 _CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;
+*{box-sizing:border-box}
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:80rem;margin:1.2rem auto;padding:0 1rem;
 color:#222;line-height:1.45}
+h1{font-size:1.5rem;margin:0.2rem 0 0.6rem} h2{margin-top:2rem;border-bottom:1px solid #ddd}
+.scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;margin:0.8rem 0;font-size:0.9rem}
 th,td{border:1px solid #ccc;padding:0.25rem 0.5rem;text-align:left;vertical-align:top}
 th{background:#f2f2f2} tr:nth-child(even) td{background:#fafafa}
+table.box{width:100%;font-size:0.95rem} table.box td{overflow-wrap:anywhere}
+table.box td:nth-child(2){white-space:nowrap}
 figure{margin:1.2rem 0} figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-style:italic;color:#444} code{background:#f4f4f4;padding:0 0.2rem}
-.supported{color:#00704a;font-weight:600} .contradicted{color:#b3261e;font-weight:600}
-.inconclusive{color:#555;font-weight:600}
+pre{background:#f6f6f6;padding:0.6rem;overflow-x:auto;font-size:0.85rem}
+details{margin:0.6rem 0} summary{cursor:pointer;font-weight:600}
+.callout{border-left:6px solid #888;padding:0.5rem 0.8rem;margin:0.6rem 0;background:#f6f6f6}
+.callout p{margin:0.2rem 0}
+.callout.danger{border-color:#b3261e;background:#fdecea;font-weight:600}
+.callout.warn{border-color:#b26a00;background:#fff4e0}
+.callout.ok{border-color:#00704a;background:#e8f5ee}
+.v-good{color:#00704a;font-weight:700} .v-bad{color:#b3261e;font-weight:700}
+.v-none{color:#555;font-weight:700} .v-mixed{color:#7a4d00;font-weight:700}
+@media (max-width:760px){body{padding:0 0.4rem} table{font-size:0.8rem} th,td{padding:0.2rem 0.3rem}}
 """
+# Verdict words -> colour class (the verdict column of every table is coloured the same way).
+VERDICT_CLASS = {"supported": "v-good", "control passed": "v-good", "no difference": "v-good", "passed": "v-good",
+                 "contradicted": "v-bad", "control FAILED": "v-bad", "difference": "v-bad", "failed": "v-bad",
+                 "inconclusive": "v-none", "degenerate": "v-none", "untested": "v-none", "not checked": "v-none",
+                 "control not checked": "v-none", "unproven": "v-none", "mixed": "v-mixed"}
+VERDICT_COLUMNS = ("verdict", "status", "entry_verdict")
 
 
 def to_html(blocks: list[Block], title: str, fig_dir: Path) -> str:
     """One HTML file with every figure embedded as base64 PNG (opens anywhere, no sidecar files)."""
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"]
     for b in blocks:
         if isinstance(b, Heading):
@@ -129,15 +177,24 @@ def to_html(blocks: list[Block], title: str, fig_dir: Path) -> str:
             cols, rows = _cells(b)
             head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
             body = "".join("<tr>" + "".join(_td(c, v) for c, v in zip(cols, r)) + "</tr>" for r in rows)
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            cls = f' class="{b.css}"' if b.css else ""
+            table = f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+            out.append(f'<div class="scroll">{table}</div>' if b.wide else table)
         elif isinstance(b, Fig):
             data = base64.b64encode((fig_dir / f"{b.stem}.png").read_bytes()).decode("ascii")
             out.append(f'<figure><img alt="{html.escape(b.caption)}" src="data:image/png;base64,{data}">'
                        f"<figcaption>{_inline(b.caption)}</figcaption></figure>")
+        elif isinstance(b, Callout):
+            paras = "".join(f"<p>{_inline(line)}</p>" for line in b.text.split("\n"))
+            out.append(f'<div class="callout {b.kind}">{paras}</div>')
+        elif isinstance(b, Code):
+            out.append(f"<details><summary>{_inline(b.summary)}</summary><pre><code>{html.escape(b.text.rstrip())}"
+                       "</code></pre></details>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 
 
 def _td(col: str, value: str) -> str:
-    cls = f' class="{value}"' if col == "verdict" and value in ("supported", "contradicted", "inconclusive") else ""
-    return f"<td{cls}>{html.escape(value)}</td>"
+    # "supported · untrusted" is coloured as "supported": the mark beside it says the rest.
+    cls = VERDICT_CLASS.get(value.split(" · ")[0]) if col in VERDICT_COLUMNS else None
+    return f'<td class="{cls}">{_inline(value)}</td>' if cls else f"<td>{_inline(value)}</td>"

@@ -1,8 +1,12 @@
-"""Per-cell confidence intervals, claim effects with paired or Welch t-tests, and verdicts.
+"""The statistics behind every verdict: t-intervals across seeds, paired / Welch contrasts, non-inferiority,
+Holm's correction and the minimum detectable effect.
 
 Seeds are the unit of replication: every interval here is a t-interval across seeds (trials), not across
 images. With the usual n = 3 seeds a Wilcoxon signed-rank test cannot reach p < 0.05 (its smallest two-sided
 p at n = 3 is 0.25), so the paired t-test is the only usable paired test; the report says so.
+
+Nothing here knows about claims or MLflow: `contrast` takes two arms' per-unit values and returns what a
+verdict needs; reports/verdicts.py decides what the numbers mean for a claim.
 """
 
 from __future__ import annotations
@@ -15,24 +19,17 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from diffablate.reports.load import StudyData, axis_value, parse_cell, same_axis
+from diffablate.reports.load import StudyData
 
 LEVEL = 0.95
-# Which way is better for each headline metric; used for secondary-metric effects (claims state their own).
-METRIC_BETTER = {"fid": "lower", "kid": "lower", "clip_score": "higher", "oracle_acc": "higher",
+ALPHA = 1 - LEVEL
+POWER = 0.80  # the minimum detectable effect is quoted at 80 % power, 5 % two-sided
+# Which way is better for each score; used where a claim does not say (secondary metrics, learning curves).
+METRIC_BETTER = {"fid": "lower", "kid": "lower", "clip_score": "higher", "oracle_acc": "higher", "class_acc": "higher",
                  "final_heldout_loss": "lower", "final_train_loss": "lower"}
-HEADLINE_METRICS = ("fid", "kid", "clip_score", "oracle_acc")
-VERDICT_RULE = (
-    "A claim's effect is variant − baseline on its metric, with a 95 % t-interval across seeds (the seed is the "
-    "unit of replication; other design axes are matched within a seed, then averaged): paired by seed when at "
-    "least 2 seeds are shared by both arms (paired t-test), else "
-    "Welch's unequal-variance t-interval. Verdict: **supported** when the interval excludes 0 on the side the "
-    "claim expects (e.g. lower FID for the arm said to be better); **contradicted** when it excludes 0 on the "
-    "opposite side; **inconclusive** otherwise, and always when either arm has fewer than 2 seeds with a value "
-    "(no interval can be formed). Wilcoxon's signed-rank test is not used: with n = 3 pairs its smallest "
-    "possible two-sided p is 0.25, so it can never reject. No correction for testing several claims is applied: "
-    "each verdict has a 5 % false-positive rate on its own."
-)
+# Relative tolerance under which a spread of differences counts as zero: identical per-seed differences
+# give a zero-width interval, which is not evidence (scipy would only warn and return p = 0 or NaN).
+_ZERO = 1e-9
 
 
 def t_interval(values: Any, level: float = LEVEL) -> tuple[float, float, float, int]:
@@ -56,116 +53,69 @@ def t_errorbar(level: float = LEVEL) -> Callable[[Any], tuple[float, float]]:
     return bar
 
 
-def cell_summary(study: StudyData, metrics: list[str]) -> pd.DataFrame:
-    """Mean and 95 % t-CI across seeds per design cell and metric (completed trials only)."""
-    done = study.trials[study.trials["status"] == "COMPLETE"]
-    rows = []
-    for cell, group in done.groupby("cell", sort=True):
-        for metric in metrics:
-            if metric not in group or group[metric].isna().all():
-                continue
-            mean, lo, hi, n = t_interval(group[metric])
-            row = {"cell": cell, "metric": metric, "n": n, "mean": mean, "ci_low": lo, "ci_high": hi,
-                   "seeds": " ".join(str(s) for s in sorted(group.loc[group[metric].notna(), "seed"]))}
-            # The sample counts behind a score travel with it (an FID on 64 images is not an FID on 10k).
-            for col, count in _COUNTS.get(metric, {}).items():
-                row[col] = _range_str(group.get(count))
-            rows.append(row)
-    cols = ["cell", "metric", "n", "mean", "ci_low", "ci_high", "seeds", "n_gen", "n_ref"]
-    return pd.DataFrame(rows).reindex(columns=cols) if rows else pd.DataFrame(columns=cols)
+def mde(se: float, df: float, power: float = POWER, alpha: float = ALPHA) -> float:
+    """Smallest true effect a two-sided t-test at ``alpha`` detects with probability ``power``, for a
+    contrast with standard error ``se`` and ``df`` degrees of freedom: (t_{1-α/2} + t_{power}) · se.
+
+    The usual normal-approximation formula with t quantiles (exact power needs the noncentral t; at n = 3
+    this formula is ~10 % optimistic). NaN when no standard error exists."""
+    if not (se > 0 and df > 0) or math.isnan(se):
+        return math.nan
+    return float((sps.t.ppf(1 - alpha / 2, df) + sps.t.ppf(power, df)) * se)
 
 
-# Sample-count metrics behind each score: n_gen = generated images scored, n_ref = reference images.
-_COUNTS = {"fid": {"n_gen": "fid_n_gen", "n_ref": "fid_n_ref"}, "kid": {"n_gen": "fid_n_gen", "n_ref": "fid_n_ref"},
-           "clip_score": {"n_gen": "clip_score_n"}, "oracle_acc": {"n_gen": "oracle_n"}}
-
-
-def sample_counts(trials: pd.DataFrame, metric: str) -> dict[str, str]:
-    """The range of image counts behind ``metric`` in these trials, e.g. ``{"n_gen": "256", "n_ref": "1000"}``."""
-    return {col: _range_str(trials.get(count)) for col, count in _COUNTS.get(metric, {}).items()}
-
-
-def _range_str(series: pd.Series | None) -> str:
-    if series is None or series.isna().all():
-        return ""
-    lo, hi = int(series.min()), int(series.max())
-    return f"{lo}" if lo == hi else f"{lo}–{hi}"
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error control); NaN entries are not in the family
+    and stay NaN. Adjusted p_(i) = max over j <= i of min(1, (m - j + 1) p_(j)), p sorted ascending."""
+    idx = [i for i, p in enumerate(p_values) if not math.isnan(p)]
+    out = [math.nan] * len(p_values)
+    m, running = len(idx), 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: (p_values[i], i))):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        out[i] = running
+    return out
 
 
 @dataclass(frozen=True)
-class Effect:
-    """variant − baseline on one metric for one claim."""
+class Contrast:
+    """variant − baseline on one metric: the test, its interval and p-value, and why it may have none.
 
-    claim: str
-    metric: str
-    primary: bool  # the claim's own metric (the verdict applies to it only)
-    expected_sign: int  # -1: claim expects variant − baseline < 0; +1: > 0
+    ``status``: "ok" (a test exists); "too few" (an arm has < 2 units with a value); "constant" (every value
+    in both arms is the same number: no test); "degenerate" (the differences have zero spread, so the
+    interval has zero width: a description, not evidence). ``p_value`` is two-sided for superiority and
+    one-sided (against the margin) for non-inferiority; ``p_family`` is what enters Holm's correction: the
+    two-sided p, or twice the one-sided p, so that p_family < 5 % exactly when the 95 % interval clears
+    0 (or the margin).
+    """
+
+    status: str
+    test: str
     n_baseline: int
     n_variant: int
     n_pairs: int
-    test: str
     baseline_mean: float
     variant_mean: float
     effect: float
     ci_low: float
     ci_high: float
+    sd: float  # SD of the per-seed differences (paired) or NaN (Welch)
+    se: float
+    df: float
     p_value: float
-    verdict: str
-    reason: str
-
-    def as_row(self) -> dict[str, Any]:
-        """A plain dict for DataFrame construction."""
-        return dict(self.__dict__)
+    p_family: float
+    mde: float
+    constant_value: float = math.nan
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Compare an axis value from a claim (JSON) with one from MLflow (string), tolerant of 1 vs 1.0, true vs True."""
-    if a is None or b is None:
-        return False
-    sa, sb = str(a).strip(), str(b).strip()
-    if sa.lower() == sb.lower():
-        return sa.lower() in ("true", "false") or sa == sb
-    try:
-        return float(sa) == float(sb)
-    except ValueError:
-        return False
+def contrast(baseline: pd.Series, variant: pd.Series, *, worse: int = 0, margin: float | None = None) -> Contrast:
+    """Compare two arms. ``baseline``/``variant``: one value per unit, indexed by (seed, other axes...);
+    units are averaged within a seed first (the seed is the unit of replication).
 
-
-def arm_mask(study: StudyData, arm: dict[str, Any]) -> pd.Series:
-    """Which trials (rows of ``study.trials``) match every axis value of a claim arm."""
-    ok = []
-    for _, row in study.trials.iterrows():
-        cell = parse_cell(row["cell"])
-        params = study.params.get(row["run_id"], {})
-        ok.append(all(_same(axis_value(params, cell, k), v) for k, v in arm.items()))
-    return pd.Series(ok, index=study.trials.index, dtype=bool)
-
-
-def expected_sign(better: str, expect: str) -> int:
-    """Sign of (variant − baseline) the claim predicts, from its metric direction and which arm it says wins."""
-    variant_wins = expect == "variant_better"
-    lower_better = better == "lower"
-    return -1 if variant_wins == lower_better else 1
-
-
-def claim_effect(study: StudyData, claim: dict[str, Any], metric: str, primary: bool) -> Effect:
-    """Effect of one claim on one metric, with its test and (for the claim's metric) a verdict."""
-    name = str(claim.get("name", "?"))
-    base_arm, var_arm = dict(claim.get("baseline", {})), dict(claim.get("variant", {}))
-    better = claim.get("better", "lower") if primary else METRIC_BETTER.get(metric, claim.get("better", "lower"))
-    sign = expected_sign(better, claim.get("expect", "variant_better"))
-    trials = study.trials
-    done = (trials["status"] == "COMPLETE") & trials.get(metric, pd.Series(np.nan, index=trials.index)).notna()
-    # Pair on the seed and on every design axis the claim does not fix, so a factorial pairs like with like.
-    fixed = [*base_arm, *var_arm]
-    others = [a for a in study.axes if not any(same_axis(a, k) for k in fixed)]
-    arms = {}
-    for label, arm in (("baseline", base_arm), ("variant", var_arm)):
-        sel = trials[arm_mask(study, arm) & done] if metric in trials else trials.iloc[0:0]
-        arms[label] = (sel.groupby(["seed", *others], dropna=False)[metric].mean() if len(sel)
-                       else pd.Series(dtype=float))
-    b, v = arms["baseline"], arms["variant"]
-    # The seed is the unit of replication: per-arm values are averaged over the other axes within a seed.
+    Paired by seed when at least 2 seeds are shared (paired t), else Welch's t. With ``margin`` (and
+    ``worse`` = +1 when a larger difference is worse, -1 when a smaller one is), the p-value is the one-sided
+    non-inferiority test of H0: the variant is worse by at least the margin.
+    """
+    b, v = baseline.dropna(), variant.dropna()
     b_seed = b.groupby(level=0).mean() if len(b) else pd.Series(dtype=float)
     v_seed = v.groupby(level=0).mean() if len(v) else pd.Series(dtype=float)
     nb, nv = len(b_seed), len(v_seed)
@@ -176,65 +126,83 @@ def claim_effect(study: StudyData, claim: dict[str, Any], metric: str, primary: 
     d_seed = (v.loc[common] - b.loc[common]).groupby(level=0).mean() if len(common) else pd.Series(dtype=float)
     n_pairs = len(d_seed)
     nan = math.nan
+    every = np.concatenate([b.to_numpy(dtype=float), v.to_numpy(dtype=float)])
+    base = dict(n_baseline=nb, n_variant=nv, n_pairs=n_pairs, baseline_mean=bm, variant_mean=vm)
+    if len(every) and np.all(every == every[0]) and nb and nv:
+        return Contrast("constant", "none", **base, effect=0.0, ci_low=nan, ci_high=nan, sd=nan, se=nan, df=nan,
+                        p_value=nan, p_family=nan, mde=nan, constant_value=float(every[0]))
     if nb < 2 or nv < 2:
-        if metric not in trials:
-            reason = f"metric {metric!r} was not logged by any trial"
-        else:
-            reason = f"fewer than 2 seeds per arm (baseline {nb}, variant {nv})"
-            empty = [arm for arm, n in (("baseline", nb), ("variant", nv)) if n == 0]
-            if empty:
-                reason += f"; no completed trial with {metric} in the {' and '.join(empty)}"
-        return Effect(name, metric, primary, sign, nb, nv, n_pairs, "none", bm, vm, vm - bm, nan, nan, nan,
-                      "inconclusive", reason)
+        return Contrast("too few", "none", **base, effect=vm - bm, ci_low=nan, ci_high=nan, sd=nan, se=nan, df=nan,
+                        p_value=nan, p_family=nan, mde=nan)
     if n_pairs >= 2:
         d = d_seed.to_numpy(dtype=float)
-        eff, lo, hi, _ = t_interval(d)
-        # Identical differences (std ~ 0) make the t statistic infinite; scipy only warns, so decide here.
-        degenerate = np.std(d) <= 1e-9 * max(1.0, abs(eff))
-        p = (0.0 if eff != 0 else 1.0) if degenerate else float(sps.ttest_1samp(d, 0.0).pvalue)
+        eff, sd, df = float(d.mean()), float(d.std(ddof=1)), n_pairs - 1
+        se = sd / math.sqrt(n_pairs)
         test = f"paired t (n={n_pairs} seeds)"
     else:
-        eff, lo, hi, p = _welch(b_seed.to_numpy(dtype=float), v_seed.to_numpy(dtype=float))
+        bv, vv = b_seed.to_numpy(dtype=float), v_seed.to_numpy(dtype=float)
+        eff, sd = float(vv.mean() - bv.mean()), nan
+        sb, sv = bv.var(ddof=1) / nb, vv.var(ddof=1) / nv
+        se = math.sqrt(sb + sv)
+        df = (sb + sv) ** 2 / (sb**2 / (nb - 1) + sv**2 / (nv - 1)) if se > 0 else nan  # Welch-Satterthwaite
         test = f"Welch t (n={nb}+{nv} seeds, <2 shared)"
-    verdict, reason = _verdict(lo, hi, sign)
-    return Effect(name, metric, primary, sign, nb, nv, n_pairs, test, bm, vm, eff, lo, hi, p, verdict, reason)
-
-
-def _welch(b: np.ndarray, v: np.ndarray) -> tuple[float, float, float, float]:
-    eff = float(v.mean() - b.mean())
-    vb, vv = b.var(ddof=1) / len(b), v.var(ddof=1) / len(v)
-    se = math.sqrt(vb + vv)
-    if se == 0:
-        return eff, eff, eff, (0.0 if eff != 0 else 1.0)
-    df = (vb + vv) ** 2 / (vb**2 / (len(b) - 1) + vv**2 / (len(v) - 1))  # Welch-Satterthwaite
+    scale = max(abs(eff), float(np.abs(every).max()), 1.0)
+    if se <= _ZERO * scale:
+        return Contrast("degenerate", test, **base, effect=eff, ci_low=eff, ci_high=eff, sd=0.0, se=0.0, df=df,
+                        p_value=nan, p_family=nan, mde=nan)
     half = float(sps.t.ppf(0.5 + LEVEL / 2, df) * se)
-    p = float(sps.ttest_ind(v, b, equal_var=False).pvalue)
-    return eff, eff - half, eff + half, p
+    if margin is None:
+        p = float(2 * sps.t.sf(abs(eff) / se, df))
+        family = p
+    else:
+        # H0: harm >= margin, harm = worse * effect (positive = the variant is worse).
+        p = float(sps.t.sf((margin - worse * eff) / se, df))
+        family = min(1.0, 2 * p)
+    return Contrast("ok", test, **base, effect=eff, ci_low=eff - half, ci_high=eff + half, sd=sd, se=se, df=df,
+                    p_value=p, p_family=family, mde=mde(se, df))
 
 
-def _verdict(lo: float, hi: float, sign: int) -> tuple[str, str]:
-    if math.isnan(lo) or math.isnan(hi):
-        return "inconclusive", "no interval could be formed"
-    if lo > 0 or hi < 0:
-        side = 1 if lo > 0 else -1
-        if side == sign:
-            return "supported", "95 % CI excludes 0 in the expected direction"
-        return "contradicted", "95 % CI excludes 0 in the opposite direction"
-    return "inconclusive", "95 % CI includes 0"
-
-
-def claim_effects(study: StudyData) -> pd.DataFrame:
-    """One row per (claim, metric): the claim's own metric (primary, with a verdict) and each other headline metric."""
+def cell_summary(study: StudyData, metrics: list[str]) -> pd.DataFrame:
+    """Mean and 95 % t-CI across seeds per design cell and metric column (completed trials only)."""
+    done = study.trials[study.trials["status"] == "COMPLETE"]
     rows = []
-    for claim in study.claims:
-        own = str(claim.get("metric", ""))
-        metrics = [own] + [m for m in HEADLINE_METRICS if m != own and m in study.trials]
+    for cell, group in done.groupby("cell", sort=True):
         for metric in metrics:
-            if metric not in study.trials and metric != own:
+            if metric not in group or group[metric].isna().all():
                 continue
-            rows.append(claim_effect(study, claim, metric, primary=metric == own).as_row())
-    cols = list(Effect.__dataclass_fields__)
+            mean, lo, hi, n = t_interval(group[metric])
+            row = {"cell": cell, "metric": metric, "n": n, "mean": mean, "ci_low": lo, "ci_high": hi,
+                   "seeds": " ".join(str(s) for s in sorted(group.loc[group[metric].notna(), "seed"]))}
+            # The sample counts behind a score travel with it (an FID on 64 images is not an FID on 10k).
+            for col, count in count_columns(metric).items():
+                row[col] = _range_str(group.get(count))
+            rows.append(row)
+    cols = ["cell", "metric", "n", "mean", "ci_low", "ci_high", "seeds", "n_gen", "n_ref"]
     return pd.DataFrame(rows).reindex(columns=cols) if rows else pd.DataFrame(columns=cols)
+
+
+# Sample-count scores behind each score: n_gen = generated images scored, n_ref = reference images.
+_COUNTS = {"fid": {"n_gen": "fid_n_gen", "n_ref": "fid_n_ref"}, "kid": {"n_gen": "fid_n_gen", "n_ref": "fid_n_ref"},
+           "clip_score": {"n_gen": "clip_score_n"}, "oracle_acc": {"n_gen": "oracle_n"},
+           "class_acc": {"n_gen": "class_acc_n"}}
+
+
+def count_columns(column: str) -> dict[str, str]:
+    """``"fid/ddim-g3"`` -> ``{"n_gen": "fid_n_gen/ddim-g3", "n_ref": "fid_n_ref/ddim-g3"}`` (same entry)."""
+    score, sep, entry = column.partition("/")
+    return {k: f"{c}{sep}{entry}" for k, c in _COUNTS.get(score, {}).items()}
+
+
+def sample_counts(trials: pd.DataFrame, column: str) -> dict[str, str]:
+    """The range of image counts behind ``column`` in these trials, e.g. ``{"n_gen": "256", "n_ref": "1000"}``."""
+    return {col: _range_str(trials.get(count)) for col, count in count_columns(column).items()}
+
+
+def _range_str(series: pd.Series | None) -> str:
+    if series is None or series.isna().all():
+        return ""
+    lo, hi = int(series.min()), int(series.max())
+    return f"{lo}" if lo == hi else f"{lo}–{hi}"
 
 
 def missing_trials(study: StudyData) -> pd.DataFrame:

@@ -1,12 +1,17 @@
 """reports/: a synthetic study written through the MLflow client, then reported from MLflow alone.
 
+This store is the old style: plain `fid`, `oracle_acc` (no sampling panel, no controls), which the report
+reads as a one-entry panel named by the runs' eval.sampler / eval.guidance_scale (ddim-g3). Panels,
+controls and learning curves: tests/test_report_panel.py and tests/test_report_learning.py.
+
 The synthetic design is sampler {uniform, logit-normal, sequential} × conditioning {cross-attention, none} ×
 seeds {0, 1, 2}, with effects planted so each verdict has a known right answer:
-  clear_effect    fid, logit-normal 5 lower than uniform, expected lower          -> supported
-  wrong_direction clip_score, conditioning none clearly lower, expected higher    -> contradicted
-  no_effect       oracle_acc, uniform vs logit-normal differences straddle 0      -> inconclusive (CI includes 0)
-  too_few_seeds   fid, sequential has one completed seed                          -> inconclusive (fewer than 2 seeds)
+  clear_effect    fid, logit-normal ~5 lower than uniform, expected lower          -> supported
+  wrong_direction clip_score, conditioning none clearly lower, expected higher     -> contradicted
+  no_effect       oracle_acc, uniform vs logit-normal differences straddle 0       -> inconclusive (CI includes 0)
+  too_few_seeds   fid, sequential has one completed seed                           -> inconclusive (fewer than 2 seeds)
 sequential × cross-attention: seed 1 FAIL, seed 2 PRUNED; sequential × none: seed 1 PRUNED, seed 2 never run.
+(Those failures sit in cells both arms of wrong_direction share: ties, not losses, so it stays contradicted.)
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ CONDS = ("cross-attention", "none")
 SEEDS = (0, 1, 2)
 SEED_NOISE = {0: 0.4, 1: -0.3, 2: 0.1}  # shared by both arms of a pair, so the paired test sees a clean effect
 ORACLE_JITTER = {0: 0.02, 1: -0.03, 2: 0.005}  # logit-normal minus uniform per seed: mean ≈ 0, CI straddles 0
+# Per-seed spread of each planted effect: identical differences would give a zero-width ("degenerate") interval.
+EFFECT_JITTER = {0: 0.3, 1: -0.2, 2: 0.1}
 CLAIMS = [
     {"name": "clear_effect", "statement": "logit-normal sampling lowers FID", "metric": "fid",
      "baseline": {"axes.timestep_sampler": "uniform"}, "variant": {"axes.timestep_sampler": "logit-normal"},
@@ -66,7 +73,8 @@ def _write_trial(client: MlflowClient, eid: str, parent: str, number: int, sampl
                                        "PRUNED": "pruned at step 10 (heldout_loss)"}.get(status, "")}
     run = client.create_run(eid, tags=tags, run_name=f"trial-{number}")
     rid = run.info.run_id
-    params = {"axes.timestep_sampler": sampler, "axes.conditioning": cond, "seed": str(seed), "train.steps": "20"}
+    params = {"axes.timestep_sampler": sampler, "axes.conditioning": cond, "seed": str(seed), "train.steps": "20",
+              "eval.sampler": "ddim", "eval.guidance_scale": "3.0"}
     steps = (0, 10, 20) if status == "COMPLETE" else (0, 10)
     late = {"uniform": 0.0, "logit-normal": 0.25, "sequential": 0.1}[sampler]  # logit-normal neglects late t
     metrics = []
@@ -76,7 +84,8 @@ def _write_trial(client: MlflowClient, eid: str, parent: str, number: int, sampl
     if status == "COMPLETE":
         fid = 40.0 + {"uniform": 0.0, "logit-normal": -5.0, "sequential": -8.0}[sampler] + SEED_NOISE[seed]
         fid += 3.0 if cond == "none" else 0.0
-        clip = 0.30 - (0.10 if cond == "none" else 0.0) + 0.002 * SEED_NOISE[seed]
+        fid += EFFECT_JITTER[seed] if sampler == "logit-normal" else 0.0
+        clip = 0.30 - (0.10 + 0.01 * EFFECT_JITTER[seed] if cond == "none" else 0.0) + 0.002 * SEED_NOISE[seed]
         oracle = 0.6 + (ORACLE_JITTER[seed] if sampler == "logit-normal" else 0.0) + (0.1 if cond == "none" else 0.0)
         finals = {"fid": fid, "fid_ci_low": fid - 2, "fid_ci_high": fid + 2, "fid_n_gen": 64, "fid_n_ref": 256,
                   "kid": fid / 1000, "kid_std": 0.001, "clip_score": clip, "clip_score_n": 64, "oracle_acc": oracle,
@@ -164,8 +173,12 @@ def test_load_gives_one_row_per_trial_with_axes_and_metrics(loaded) -> None:
     t = data.trials
     assert len(t) == 17 and list(t["trial"]) == list(range(17))
     assert data.axes == ["axes.conditioning", "axes.timestep_sampler"]
-    assert {"fid", "fid_n_gen", "fid_n_ref", "clip_score", "oracle_acc", "fail_reason"} <= set(t.columns)
-    assert "heldout_loss_b00" not in t.columns  # UI copies are not final metrics
+    # Plain sampling scores of an old store become the one entry named by eval.sampler / eval.guidance_scale.
+    assert {"fid/ddim-g3", "fid_n_gen/ddim-g3", "fid_n_ref/ddim-g3", "clip_score/ddim-g3", "oracle_acc/ddim-g3",
+            "final_heldout_loss", "fail_reason"} <= set(t.columns)
+    assert "fid" not in t.columns and "heldout_loss_b00" not in t.columns  # UI copies are not final metrics
+    assert data.panel.entries == ("ddim-g3",) and data.panel.primary == "ddim-g3"
+    assert "before sampling panels" in data.panel.source
     assert t["status"].value_counts().to_dict() == {"COMPLETE": 14, "PRUNED": 2, "FAIL": 1}
     assert set(data.steps["metric"]) == {"train_loss", "heldout_loss"}
     assert len(data.timestep_loss) == 14 * 2 * 5 + 3 * 1 * 5
@@ -175,28 +188,37 @@ def test_load_gives_one_row_per_trial_with_axes_and_metrics(loaded) -> None:
 def test_verdicts_match_planted_effects(report) -> None:
     claims = report.claims.set_index("claim")
     assert claims.loc["clear_effect", "verdict"] == "supported"
-    assert claims.loc["clear_effect", "effect"] == pytest.approx(-5.0)  # paired by seed and conditioning
+    # Paired by seed and conditioning: -5 plus the mean of the per-seed jitter.
+    assert claims.loc["clear_effect", "effect"] == pytest.approx(-5.0 + sum(EFFECT_JITTER.values()) / 3)
     assert claims.loc["clear_effect", "test"] == "paired t (n=3 seeds)"
+    assert claims.loc["clear_effect", "agreement"] == "supported under ddim-g3"
+    assert claims.loc["clear_effect", "trust"] == "unchecked"  # no controls declared
     assert claims.loc["wrong_direction", "verdict"] == "contradicted"
     assert claims.loc["no_effect", "verdict"] == "inconclusive"
     assert "includes 0" in claims.loc["no_effect", "reason"]
     assert claims.loc["too_few_seeds", "verdict"] == "inconclusive"
     assert "fewer than 2 seeds" in claims.loc["too_few_seeds", "reason"]
-    assert (claims.loc["clear_effect", "n_gen"], claims.loc["clear_effect", "n_ref"]) == ("64", "256")
+    # k of n failed per arm: sequential failed or was pruned on 3 of its 5 trials (one cell x seed never ran).
+    assert claims.loc["too_few_seeds", "failed_variant"] == "3/5"
+    assert "variant failed 3 of 5" in claims.loc["too_few_seeds", "reason"]
+    # The failures both arms of wrong_direction share (sequential cells) are ties, not losses.
+    assert claims.loc["wrong_direction", "failed_baseline"] == "2/9"
 
 
 def test_welch_when_no_seed_is_shared(loaded) -> None:
     import dataclasses
 
-    from diffablate.reports.stats import claim_effect
+    from diffablate.reports.stats import contrast
+    from diffablate.reports.verdicts import claim_arms
 
     data = dataclasses.replace(loaded, trials=loaded.trials.copy())
     # Shift the variant's seeds so no pair exists: the test must fall back to Welch, same sign of effect.
     lv = data.trials["axes.timestep_sampler"] == "logit-normal"
     data.trials.loc[lv, "seed"] += 10
-    eff = claim_effect(data, CLAIMS[0], "fid", primary=True)
-    assert eff.test.startswith("Welch") and eff.n_pairs == 0
-    assert eff.effect == pytest.approx(-5.0) and eff.ci_low < eff.effect < eff.ci_high
+    arms = claim_arms(data, CLAIMS[0], "fid/ddim-g3")
+    eff = contrast(arms.baseline, arms.variant)
+    assert eff.test.startswith("Welch") and eff.n_pairs == 0 and eff.status == "ok"
+    assert eff.effect == pytest.approx(-5.0 + sum(EFFECT_JITTER.values()) / 3) and eff.ci_low < eff.effect < eff.ci_high
 
 
 def test_failed_pruned_and_missing_trials_are_listed(report) -> None:
@@ -214,7 +236,7 @@ def test_failed_pruned_and_missing_trials_are_listed(report) -> None:
 def test_every_figure_exists_and_is_not_trivial(report) -> None:
     figs = report.out_dir / "figures"
     stems = {p.stem for p in figs.glob("*.png")}
-    expected = {"effects_forest", "claims", "timestep_loss", "steps", "samples",
+    expected = {"effects_forest", "claims", "timestep_loss", "steps", "samples", "fid_bootstrap",
                 "interaction_conditioning_timestep_sampler"}
     assert expected <= stems
     for stem in stems:
@@ -296,9 +318,11 @@ def test_reports_never_import_models_or_studies() -> None:
 
 
 def test_expected_sign_and_t_interval() -> None:
-    from diffablate.reports.stats import expected_sign, t_interval
+    from diffablate.reports.stats import t_interval
+    from diffablate.reports.verdicts import expected_sign
 
     # Sign of (variant - baseline) a claim predicts, for every metric direction x expected winner.
+    assert expected_sign("lower", "variant_no_worse") == -1
     assert expected_sign("lower", "variant_better") == -1
     assert expected_sign("lower", "baseline_better") == 1
     assert expected_sign("higher", "variant_better") == 1
