@@ -60,11 +60,13 @@ def test_decoding_does_not_depend_on_the_batch(heldout32):
 # --- false positives on corrupted real images --------------------------------------------------------
 
 # Content-changing corruptions must (almost) never match; mild noise and blur keep the content and should
-# still match; strong noise and blur make shapes ambiguous and must not. Measured values on 1,000 scenes
-# at 32 px are in metrics/oracle.py's docstring; these bounds leave room for other seeds.
+# still match - a 1-pixel blur at 32 px is mild: a person reads every shape, and the shape templates are
+# fitted at that edge softness too (EDGE_BLURS) - while strong noise and blur make shapes ambiguous and must
+# not. Measured values on 1,000 scenes at 32 px are in metrics/oracle.py's docstring; these bounds leave
+# room for other seeds.
 BOUNDS = {
-    "noise-8": (0.95, 1.0), "noise-16": (0.95, 1.0), "noise-32": (0.0, 0.2), "noise-64": (0.0, 0.01),
-    "blur-0.5px": (0.8, 1.0), "blur-1px": (0.0, 0.05), "blur-2px": (0.0, 0.01),
+    "noise-8": (0.95, 1.0), "noise-16": (0.95, 1.0), "noise-32": (0.0, 0.3), "noise-64": (0.0, 0.01),
+    "blur-0.5px": (0.95, 1.0), "blur-1px": (0.7, 1.0), "blur-2px": (0.0, 0.01),
     **{name: (0.0, 0.01) for name in ("colour-swap", "shape-change", "size-change", "shape-removed", "extra-shape",
                                       "duplicate", "extra-offpalette", "off-shape", "relation-reversed",
                                       "relation-aligned", "object-cut")},
