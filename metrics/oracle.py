@@ -167,7 +167,7 @@ def _check_images(images: torch.Tensor) -> None:
 
 
 def _pixel_classes(d: torch.Tensor) -> np.ndarray:
-    """Class per pixel (0 background, 1..K colour, K+1 unknown) of offsets from the background [N, H, W, 3]."""
+    """Class per pixel (0 background, 1..K colour, K+1 unknown) of offsets from the background [P, 3]."""
     d2 = (d**2).sum(-1)
     cls = torch.zeros(d2.shape, dtype=torch.int64)
     fg = d2 > BACKGROUND_RADIUS**2  # only pixels away from the background need the palette
@@ -257,50 +257,53 @@ class _Components:
 
 def _components(images: torch.Tensor) -> _Components:
     n, _, h, w = images.shape
-    d = images.permute(0, 2, 3, 1).float() - _BG  # [N, H, W, 3]
-    cls = _pixel_classes(d)
+    d = (images.permute(0, 2, 3, 1).float() - _BG).reshape(-1, 3)  # [N*H*W, 3], one contiguous copy
+    cls = _pixel_classes(d).reshape(n, h, w)
     # Components of every class, numbered globally (class k's ids follow class k-1's).
     ids = np.zeros(cls.shape, dtype=np.int64)
     comp_cls = [0]
     for k in range(1, _UNKNOWN + 1):
-        lab, count = ndimage.label(cls == k, structure=_PLANE)
-        np.add(ids, lab + (len(comp_cls) - 1), out=ids, where=lab > 0)
+        mask = cls == k
+        lab, count = ndimage.label(mask, structure=_PLANE)
+        ids[mask] = lab[mask] + (len(comp_cls) - 1)
         comp_cls += [k] * count
     n_comp = len(comp_cls)
     comp_cls_t = torch.tensor(comp_cls)
     # Foreground blobs whatever their colour: what "no other object" is checked on, so an object cannot hide
     # by being several colours (or off-palette pixels mixed with palette ones) in specks of each.
     blobs, n_blobs = ndimage.label(cls > 0, structure=_PLANE)
-    blobs_t = torch.from_numpy(blobs.reshape(-1).astype(np.int64))
-    fg = torch.nonzero(blobs_t).flatten()
-    blob_image = torch.zeros(n_blobs + 1, dtype=torch.int64).scatter_(0, blobs_t[fg], fg // (h * w))
-    # Soft support: a component's own pixels plus the background pixels touching it (its faint antialiased
-    # edge), each weighted by its coverage a of the component's colour; unknown components weigh own pixels 1.
-    ring = ndimage.grey_dilation(ids, footprint=_PLANE)
-    owner = torch.from_numpy(np.where(ids > 0, ids, np.where(cls == 0, ring, 0)))
-    flat = torch.nonzero(owner.flatten()).flatten()
-    own = owner.flatten()[flat]
-    own_cls = comp_cls_t[own]
-    colour = (own_cls - 1).clamp(max=len(_NAMES) - 1)
-    a = ((d.reshape(-1, 3)[flat] * _DIRS[colour]).sum(-1) / _DIRS_SQ[colour]).clamp(0, 1)
-    weight_p = torch.where(own_cls == _UNKNOWN, (torch.from_numpy(ids).flatten()[flat] > 0).float(), a)
-    img, y, x = flat // (h * w), (flat // w) % h, flat % w
-    area = torch.bincount(own, weight_p, n_comp)
-    safe = area.clamp_min(1e-9)
-    pixels = torch.bincount(torch.from_numpy(ids[ids > 0]), minlength=n_comp).float()
-
-    def extreme(v: torch.Tensor, how: str) -> torch.Tensor:
-        init = torch.full((n_comp,), -1 if how == "amax" else h + w, dtype=torch.int64)
-        return init.scatter_reduce(0, own, v, how)
-
+    fg_np = np.flatnonzero(cls)
+    fg = torch.from_numpy(fg_np)
+    fg_id = torch.from_numpy(ids.reshape(-1)[fg_np])
+    fg_blob = torch.from_numpy(blobs.reshape(-1)[fg_np].astype(np.int64))
+    pixels = torch.bincount(fg_id, minlength=n_comp).float()
     # Mean colour of each component's own pixels, and where it sits against its class's mixing line.
-    own_px = torch.from_numpy(ids.reshape(-1))
-    mean = torch.stack([torch.bincount(own_px, d.reshape(-1, 3)[:, ch], n_comp) for ch in range(3)], 1)
+    mean = torch.stack([torch.bincount(fg_id, d[fg, ch], n_comp) for ch in range(3)], 1)
     mean = mean / pixels.clamp_min(1).unsqueeze(1)
     line = _DIRS[(comp_cls_t - 1).clamp(0, len(_NAMES) - 1)]
     line_sq = (line**2).sum(1)
     m_alpha = (mean * line).sum(1) / line_sq
     m_off = ((mean**2).sum(1) - m_alpha**2 * line_sq).clamp_min(0).sqrt()
+    # Soft support: a component's own pixels plus the background pixels touching it (its faint antialiased
+    # edge), each weighted by its coverage a of the component's colour; unknown components weigh own pixels 1.
+    ring = ndimage.grey_dilation(ids, footprint=_PLANE)
+    owner_np = np.where(ids > 0, ids, np.where(cls == 0, ring, 0))
+    flat_np = np.flatnonzero(owner_np)
+    flat = torch.from_numpy(flat_np)
+    own = torch.from_numpy(owner_np.reshape(-1)[flat_np])
+    own_cls = comp_cls_t[own]
+    colour = (own_cls - 1).clamp(max=len(_NAMES) - 1)
+    a = ((d[flat] * _DIRS[colour]).sum(-1) / _DIRS_SQ[colour]).clamp(0, 1)
+    mine = torch.from_numpy(ids.reshape(-1)[flat_np] > 0)
+    weight_p = torch.where(own_cls == _UNKNOWN, mine.float(), a)
+    img, y, x = flat // (h * w), (flat // w) % h, flat % w
+    area = torch.bincount(own, weight_p, n_comp)
+    safe = area.clamp_min(1e-9)
+
+    def extreme(v: torch.Tensor, how: str) -> torch.Tensor:
+        init = torch.full((n_comp,), -1 if how == "amax" else h + w, dtype=torch.int64)
+        return init.scatter_reduce(0, own, v, how)
+
     weight = torch.zeros(n * h * w)
     weight[flat] = weight_p
     return _Components(
@@ -308,10 +311,11 @@ def _components(images: torch.Tensor) -> _Components:
         cx=torch.bincount(own, weight_p * (x + 0.5), n_comp) / safe,
         cy=torch.bincount(own, weight_p * (y + 0.5), n_comp) / safe,
         image=torch.zeros(n_comp, dtype=torch.int64).scatter_(0, own, img), colour_off=m_off, colour_alpha=m_alpha,
-        blob=torch.zeros(n_comp, dtype=torch.int64).scatter_(0, own_px[fg], blobs_t[fg]),
-        blob_pixels=torch.bincount(blobs_t, minlength=n_blobs + 1).float(), blob_image=blob_image,
+        blob=torch.zeros(n_comp, dtype=torch.int64).scatter_(0, fg_id, fg_blob),
+        blob_pixels=torch.bincount(fg_blob, minlength=n_blobs + 1).float(),
+        blob_image=torch.zeros(n_blobs + 1, dtype=torch.int64).scatter_(0, fg_blob, fg // (h * w)),
         y0=extreme(y, "amin"), y1=extreme(y, "amax") + 1, x0=extreme(x, "amin"), x1=extreme(x, "amax") + 1,
-        owner=owner, weight=weight.view(n, h, w))
+        owner=torch.from_numpy(owner_np), weight=weight.view(n, h, w))
 
 
 def _fit_objects(c: _Components, objs: torch.Tensor) -> torch.Tensor:
