@@ -98,13 +98,20 @@ class GraphedTrainStep:
         self.ema_weight.fill_(ema_weight)
 
     def capture(self, s: "StepContext") -> None:
-        """Warm up on a side stream, capture one step, restore every mutated tensor. Raises on failure."""
+        """Warm up on a side stream, capture one step, restore every mutated tensor. Raises on failure.
+
+        Called on a stream of its own (a pack's member, models/pack.py), the step is captured on that stream
+        rather than on torch's shared capture stream: cuBLAS caches one workspace per (handle, stream), so
+        graphs captured on one shared stream could share a workspace, and replaying them concurrently on
+        different streams would race on it. One stream per graph keeps every graph's workspace its own."""
         snapshot = Snapshot(s)
         static = self.static
+        current = torch.cuda.current_stream(s.device)
+        own = None if current == torch.cuda.default_stream(s.device) else current
         try:
             self.graph, self.losses = capture(
                 lambda: self.device_step(s, static, lr=None, ema_weight=self.ema_weight), s.device, WARMUP_ITERS,
-                before_capture=lambda: s.optimizer.zero_grad(set_to_none=True))
+                before_capture=lambda: s.optimizer.zero_grad(set_to_none=True), stream=own)
         finally:
             torch.cuda.synchronize(s.device)
             snapshot.restore(s)
@@ -137,11 +144,13 @@ class GraphedTrainStep:
 
 
 def capture(fn: Callable[[], T], device: torch.device, warmup_iters: int,
-            before_capture: Callable[[], None] | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
+            before_capture: Callable[[], None] | None = None,
+            stream: torch.cuda.Stream | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
     """The PyTorch CUDA-graphs notes' recipe, shared by the training step and sampling (models/diffusion.py):
     `warmup_iters` calls of `fn` on a side stream (cuBLAS workspaces, lazily created state, cuDNN / Inductor
     kernel choice happen outside the capture), then one captured call -> (graph, what that call returned:
-    static tensors the replays overwrite)."""
+    static tensors the replays overwrite). `stream`: capture on it instead of torch's one shared capture
+    stream (see GraphedTrainStep.capture)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -151,6 +160,6 @@ def capture(fn: Callable[[], T], device: torch.device, warmup_iters: int,
     if before_capture is not None:
         before_capture()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         out = fn()
     return graph, out

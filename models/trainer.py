@@ -402,12 +402,14 @@ def _compile_or_eager(s: step.StepContext, probe: HeldoutProbe) -> nn.Module:
 
     Several runs in one process (a study worker's trials, a pack's members) compile one `Denoiser` each.
     Dynamo caches compiled code on the forward's code object, shared by every instance of the class, and
-    with `torch._dynamo.config.inline_inbuilt_nn_modules` (on by default since torch 2.5) it treats an
-    instance's parameters and buffers as graph inputs instead of constants guarded by identity: a second
-    instance of the same architecture passes the first one's guards and reuses its graph - no new trace,
-    no new Inductor compile. Instances whose forward differs (conditioning, time embedding on/off) fail
-    a guard and compile a new entry; Inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR, one per machine by
-    default) makes those cheap in the next process.
+    with `torch._dynamo.config.inline_inbuilt_nn_modules` (the default since torch 2.5; torch 2.14 deprecates
+    the flag and always inlines) it treats an instance's parameters and buffers as graph inputs instead of
+    constants guarded by identity: a second instance of the same architecture passes the first one's guards
+    and reuses its graph - no new trace, no new Inductor compile (checked on torch 2.14: two instances, one
+    graph; an instance with another attribute value, a second graph; tests/test_cuda.py checks the UNet).
+    Instances whose forward differs (conditioning, time embedding on/off) fail a guard and compile a new
+    entry; Inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR, one per machine by default) makes those cheap
+    in the next process.
     """
     # Raise Dynamo's per-function recompile limit (8) so late trials / members are not silently eager.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)

@@ -93,3 +93,61 @@ def test_graphed_run_resumes(tmp_path: Path) -> None:
     tr.train(cfg.with_overrides({"train.steps": 12}), tmp_path / "part", progress=False)
     tr.train(cfg, tmp_path / "part", tracker=part, progress=False)  # resumes from step 12
     assert _series(part, "heldout_loss")[-1] == pytest.approx(_series(full, "heldout_loss")[-1], rel=2e-3)
+
+
+# --- packs (models/pack.py): several runs in lockstep, one CUDA graph and one stream each -------------------
+
+
+def _pack_cfgs() -> list[RunConfig]:
+    on = {"perf.cuda_graphs": "on"}
+    return [gpu_cfg(seed=0, **on),
+            gpu_cfg(seed=1, **on, **{"axes.timestep_sampler": "loss-aware", "axes.loss_aware_history": 1,
+                                     "diffusion.num_train_timesteps": 20}),
+            gpu_cfg(seed=2, **on, **{"axes.time_embedding": "off", "train.steps": 16})]
+
+
+def test_packed_training_matches_alone(tmp_path: Path) -> None:
+    from diffablate.models import pack
+
+    cfgs = _pack_cfgs()
+    alone = [MemoryTracker() for _ in cfgs]
+    for i, (cfg, t) in enumerate(zip(cfgs, alone)):
+        tr.train(cfg, tmp_path / f"alone{i}", tracker=t, progress=False)
+    packed = [MemoryTracker() for _ in cfgs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a capture fallback warns: that is a failure here
+        results = pack.train_pack([pack.PackMember(cfg, tmp_path / f"pack{i}", tracker=t)
+                                   for i, (cfg, t) in enumerate(zip(cfgs, packed))])
+    assert all(isinstance(r, tr.TrainResult) for r in results)
+    assert [r.steps_done for r in results] == [24, 24, 16]
+    for i, (a, b) in enumerate(zip(alone, packed)):
+        for key in ("train_loss", "heldout_loss", "grad_norm"):  # the graph tests' tolerance
+            assert _series(b, key) == pytest.approx(_series(a, key), rel=2e-3), (i, key)
+
+
+def test_diverging_member_leaves_the_pack(tmp_path: Path) -> None:
+    from diffablate.models import pack
+
+    cfg = gpu_cfg(**{"perf.cuda_graphs": "on"})
+    alone, kept, gone = MemoryTracker(), MemoryTracker(), MemoryTracker()
+    tr.train(cfg, tmp_path / "alone", tracker=alone, progress=False)
+    results = pack.train_pack([pack.PackMember(cfg, tmp_path / "kept", tracker=kept),
+                               pack.PackMember(cfg.with_overrides({"seed": 3, "train.diverge_loss": 1e-6}),
+                                               tmp_path / "gone", tracker=gone)])
+    assert isinstance(results[1], tr.TrainingDiverged) and results[1].step == 4  # the first log interval
+    assert isinstance(results[0], tr.TrainResult) and results[0].steps_done == 24
+    for key in ("train_loss", "heldout_loss"):
+        assert _series(kept, key) == pytest.approx(_series(alone, key), rel=2e-3), key
+
+
+def test_compiled_denoiser_is_shared_by_same_architecture_runs(tmp_path: Path) -> None:
+    # trainer._compile_or_eager's promise: a second denoiser of the same architecture reuses the first
+    # one's Dynamo graph (parameters are graph inputs), so a pack or a worker compiles once per architecture.
+    from torch._dynamo.utils import counters
+
+    cfg = gpu_cfg(**{"perf.compile": "on", "perf.cuda_graphs": "off"})
+    tr.build_context(cfg, tmp_path / "first")
+    graphs = counters["stats"]["unique_graphs"]
+    c = tr.build_context(cfg.with_overrides({"seed": 1}), tmp_path / "second")
+    assert c.forward_denoiser is not c.model.denoiser  # compiled, not the eager fallback
+    assert counters["stats"]["unique_graphs"] == graphs
