@@ -215,12 +215,11 @@ class OneAtATime(Design):
         baseline = baseline_table(design.get("baseline", {}), "design.baseline", base)
         base_cell_cfg = override(base, baseline, "design.baseline")
         factors = factor_table(design.get("variants"), "design.variants", base_cell_cfg, required=True)
-        settings = [dict(baseline)]
-        for key, values in factors.items():
-            for v in values:
-                if key in baseline and baseline[key] == v:
-                    continue  # the baseline itself is already cell 0
-                settings.append({**baseline, key: v})
+        # Breadth-first over the factors (each factor's first variant, then each one's second, ...): trials are
+        # planned cell by cell, so a study cut short has touched every factor rather than exhausted one.
+        per_factor = [[{**baseline, key: v} for v in values if not (key in baseline and baseline[key] == v)]
+                      for key, values in factors.items()]  # the baseline itself is already cell 0
+        settings = [dict(baseline)] + [s for rank in itertools.zip_longest(*per_factor) for s in rank if s is not None]
         cells = build_cells(base, settings, "design.variants")
         # The factors a claim may name: each varied key with its baseline value first.
         factors = {k: ([baseline[k]] if k in baseline else []) + [v for v in vals if k not in baseline or v != baseline[k]]

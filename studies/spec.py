@@ -430,9 +430,13 @@ def _control(c: Mapping[str, Any], i: int, design: Design, baseline: dict[str, A
           "must be an integer >= 1 (0 is the cell itself)", replicate)
     check(not any(cell.cfg.replicate == replicate and _arm_matches(arm, cell) for cell in cells), f"{p}.replicate",
           "another null control already adds this replicate of the same arm", replicate)
-    # The replicate cell: the arm's settings with independent random streams (RunConfig.replicate).
-    cells.extend(build_cells(base, [{**arm, "replicate": replicate}], f"{p} replicate cell"))
-    cells[-1] = replace(cells[-1], index=len(cells) - 1)
+    # The replicate cell: the arm's settings with independent random streams (RunConfig.replicate). It goes
+    # right after the cells already there for its arm, so trials (planned cell by cell) reach the controls
+    # first: a study cut short still has its instrument check.
+    cell = build_cells(base, [{**arm, "replicate": replicate}], f"{p} replicate cell")[0]
+    at = 1 + max(i for i, c in enumerate(cells) if _arm_matches(arm, c))
+    cells.insert(at, cell)
+    cells[:] = [replace(c, index=i) for i, c in enumerate(cells)]
     factors.setdefault("replicate", [0])
     if replicate not in factors["replicate"]:
         factors["replicate"].append(replicate)

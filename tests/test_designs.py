@@ -56,9 +56,10 @@ def test_registry_lists_the_designs():
 def test_null_control_adds_a_replicate_cell_and_compares_it_with_the_baseline():
     spec = spec_from_dict(BASE)
     labels = [c.label for c in spec.cells]
-    assert len(spec.cells) == 4 and spec.n_planned == 8  # baseline, sequential, none, replicate
-    rep = spec.cells[-1]
-    assert rep.cfg.replicate == 1 and "replicate=1" in rep.label and rep.index == 3
+    assert len(spec.cells) == 4 and spec.n_planned == 8  # baseline, replicate, sequential, none
+    rep = spec.cells[1]  # right after the baseline: a study cut short still has its controls
+    assert rep.cfg.replicate == 1 and "replicate=1" in rep.label and rep.index == 1
+    assert [c.index for c in spec.cells] == [0, 1, 2, 3]
     assert rep.cfg.axes == spec.cells[0].cfg.axes  # the baseline's settings, other random streams
     null = next(c for c in spec.claims if c.name == "null")
     assert null.role == "null-control" and null.expect == "no_difference"

@@ -379,6 +379,35 @@ def test_real_study_two_workers_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_packed_study_ends_each_trial_like_the_unpacked_one(tmp_path):
+    # --pack 4: one worker trains the study's 4 trials as one pack (models/pack.py). Each still gets its own
+    # MLflow run, lifecycle, Optuna outcome and scores - and on the CPU exactly the numbers it gets alone.
+    spec_file = tmp_path / "tiny.toml"
+    spec_file.write_text(TINY_REAL.replace('kind = "factorial"', 'kind = "factorial"\nobjective = "final_heldout_loss"')
+                         .replace('objective = "fid"\n', ""))
+    results = {}
+    for pack in ("off", "4"):
+        wd = tmp_path / f"wd-{pack}"
+        out = CliRunner().invoke(app, ["study", "run", str(spec_file), "--workdir", str(wd), "--pack", pack])
+        assert out.exit_code == 0, out.output
+        handle = runner.load_handle(wd)
+        trials, parent, children = assert_exactly_planned(handle)
+        results[pack] = {(r.data.tags["diffablate.cell"], r.data.tags["diffablate.seed"]):
+                         (r.data.metrics["final_heldout_loss"], r.data.metrics["oracle_acc/ddim-g3"],
+                          r.data.metrics["fid/ddpm-g3"]) for r in children}
+        assert all(r.data.tags["diffablate.status"] == "COMPLETE" for r in children)
+    assert len(results["4"]) == 4 and results["4"] == results["off"]
+
+
+def test_pack_option_is_checked_before_anything_is_created(tmp_path):
+    spec_file = tmp_path / "tiny.toml"
+    spec_file.write_text(TINY_REAL)
+    out = CliRunner().invoke(app, ["study", "run", str(spec_file), "--workdir", str(tmp_path / "wd"), "--pack", "0"])
+    assert out.exit_code == 2 and "--pack" in out.output
+    assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.slow
 def test_journal_storage_relative_to_the_work_dir(tmp_path, fake):
     wd = tmp_path / "wd"
     handle = runner.run_study(spec(), workdir=wd, storage="journal:optuna.journal", trial_fn=f"{fake}:ok", log=lambda m: None)
