@@ -113,6 +113,8 @@ def build_report(study_name: str, tracking_uri: str, out_dir: Path, *, optuna_st
     blocks: list[Block] = [Heading(1, f"Study report: {study.study}")]
     blocks += _first_screen(study, judgement, pick)
     blocks += [Heading(2, "About this study"), Para(_overview(study))]
+    if judgement.baseline_bar.get("entries"):
+        blocks.append(Para(_bar_text(judgement.baseline_bar)))
     if notes:
         blocks.append(Bullets(notes))
     blocks += _controls_section(judgement)
@@ -205,12 +207,12 @@ def _first_screen(study: StudyData, j: verdicts.Judgement, pick: learning.Budget
     failed = [c for c in j.controls if c["status"] != "passed"]
     if j.instrument == "failed":
         out.append(Callout("danger", "THE INSTRUMENT FAILED: every verdict below is untrusted. " + "; ".join(
-            f"{c['role'].replace('-', ' ')} {c['name']} {c['status']} (wanted {c['want']}; got {c['agreement']})"
-            for c in failed) + "."))
+            f"{c['role'].replace('-', ' ')} {c['name']}: {c['agreement']} (wanted {c['want']})"
+            for c in failed if c["status"] == "failed") + "."))
     elif j.instrument == "unproven":
         out.append(Callout("danger", "The instrument is unproven: a control could not be evaluated, so every verdict "
-                                     "below is untrusted. " + "; ".join(f"{c['name']}: {c['agreement']}" for c in failed)
-                           + "."))
+                                     "below is untrusted. "
+                           + "; ".join(f"{c['name']}: {c['agreement']}" for c in failed) + "."))
     elif j.instrument == "passed":
         out.append(Callout("ok", "Controls passed: " + "; ".join(f"{c['role'].replace('-', ' ')} {c['name']} "
                                                                 f"({c['agreement']})" for c in j.controls) + "."))
@@ -220,8 +222,8 @@ def _first_screen(study: StudyData, j: verdicts.Judgement, pick: learning.Budget
     bar = j.baseline_bar
     if bar.get("below"):
         ceiling = "" if math.isnan(bar["ceiling"]) else f" The oracle scores {bar['ceiling']:.3g} on real images."
-        out.append(Callout("danger", "SAMPLES ARE NOISE: this study says nothing about images. The baseline "
-                                     f"({bar['arm']}) has oracle accuracy " + ", ".join(
+        out.append(Callout("danger", "SAMPLES ARE NOISE: this study says nothing about images. The baseline's "
+                                     "oracle accuracy is " + ", ".join(
                                          f"{e['mean']:.3g} under {e['entry']}" for e in bar["below"])
                            + f", below the bar of {bar['bar']:g}.{ceiling}"))
     elif not bar.get("entries") and study.claims:
@@ -282,6 +284,14 @@ def _overview(study: StudyData) -> str:
     return (design + f"Experiment `{study.study}`, parent run `{study.parent_run_id}`, spec hash `{spec}`. "
             f"{len(study.trials)} trials ({by_status}) over {study.trials['cell'].nunique()} design cells "
             f"and seeds {seeds}. Design axes: {axes}. Generated from MLflow alone by `diffablate report`.")
+
+
+def _bar_text(bar: dict[str, Any]) -> str:
+    ceiling = "not logged" if math.isnan(bar["ceiling"]) else f"{bar['ceiling']:.3g}"
+    return (f"Baseline quality bar: the baseline ({bar['arm']}) has seed-mean oracle accuracy " + ", ".join(
+        f"{e['mean']:.3g} under {e['entry']}" for e in bar["entries"]) + f" (bar {bar['bar']:g}; the oracle's "
+        f"ceiling, its accuracy on real images: {ceiling}). Below the bar, samples do not show what their captions "
+        "say, and no verdict about images means anything.")
 
 
 def _ci(lo: float, hi: float) -> str:
@@ -460,7 +470,8 @@ def _dynamics_section(study: StudyData, fig_dir: Path) -> tuple[timestep.RatioTa
         out.append(Para("No trial logged `train_loss`/`heldout_loss` series."))
     else:
         out.append(Fig(stem, "Training and held-out loss against training step per design cell, completed trials "
-                             "(95 % t-CI across seeds; on a log axis a band that reaches 0 is cut at the chart's edge)."))
+                             "(95 % t-CI across seeds; on a log axis a band that reaches 0 is cut at the chart's "
+                             "edge)."))
     return table, out
 
 
@@ -470,8 +481,8 @@ def _timestep_caption(table: timestep.RatioTable) -> str:
     if match == "no data":
         return base
     return (base + " Lower panels: loss relative to uniform, per seed, with its 95 % t-CI. What the data show "
-            "(paired by seed, Holm across buckets): " + "; ".join(sentences) + ". Against " + timestep.HYPOTHESIS +
-            ": " + timestep.VERDICT_TEXT[match])
+            "(paired by seed, Holm across buckets): " + "; ".join(sentences) + ". The article's hypothesis is that " +
+            timestep.HYPOTHESIS + ". " + timestep.VERDICT_TEXT[match])
 
 
 def _scores_section(study: StudyData, fig_dir: Path, learning_curve: bool) -> list[Block]:

@@ -280,7 +280,10 @@ def step_curves(steps: pd.DataFrame, out_dir: Path, hue: pd.Series | None = None
     """
     if steps.empty:
         return None
-    metrics = [m for m in ("train_loss", "heldout_loss") if m in set(steps["metric"])]
+    metrics = [m for m in ("train_loss", "heldout_loss")
+               if steps.loc[steps["metric"] == m, "value"].nunique() > 1]  # empty or constant: no panel
+    if not metrics:
+        return None
     if hue is not None and style is not None:
         # Columns named after the axes, so seaborn's legend sub-titles read "conditioning", "timestep_sampler".
         hue_col, style_col = str(hue.name), str(style.name)
@@ -383,7 +386,7 @@ def learning_curves(curves: pd.DataFrame, scores: list[str], entries: list[str],
                     bar: float | None = None, ceiling: float | None = None, picked: int | None = None) -> str | None:
     """Each panel score against the training budget, one line per panel entry: seed mean, 95 % t-CI band,
     a marker at every budget. Scores with no data or one constant value get no panel."""
-    shown = [s for s in scores if (curves["score"] == s).any() and curves.loc[curves["score"] == s, "value"].nunique() > 1]
+    shown = [s for s in scores if curves.loc[curves["score"] == s, "value"].nunique() > 1]  # not empty or constant
     if not shown:
         return None
     ncol = min(3, len(shown))
@@ -396,9 +399,9 @@ def learning_curves(curves: pd.DataFrame, scores: list[str], entries: list[str],
         axes = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False).ravel())
         for ax, score in zip(axes, shown):
             d = curves[curves["score"] == score]
-            sns.lineplot(data=d, x="budget", y="value", hue="entry", hue_order=[e for e in entries if e in set(d["entry"])],
-                         palette=colours, errorbar=t_errorbar(), marker="o", markersize=5, ax=ax,
-                         legend=ax is axes[0])
+            sns.lineplot(data=d, x="budget", y="value", hue="entry",
+                         hue_order=[e for e in entries if e in set(d["entry"])], palette=colours,
+                         errorbar=t_errorbar(), marker="o", markersize=5, ax=ax, legend=ax is axes[0])
             if score == "oracle_acc" and bar is not None:
                 ax.axhline(bar, color="0.2", lw=0.9, ls="--")
                 ax.annotate(f"bar {bar:g}", (budgets[0], bar), fontsize="x-small", va="bottom")
@@ -470,7 +473,7 @@ def sample_grids(images: dict[str, Path], rows: list[tuple[str, list[tuple[str, 
 def interaction_heatmaps(trials: pd.DataFrame, a: str, b: str, metrics: list[str], out_dir: Path) -> str | None:
     """Mean of each metric over two design axes (a factorial's interaction), annotated with mean and n."""
     done = trials[trials["status"] == "COMPLETE"]
-    metrics = [m for m in metrics if m in done and done[m].notna().any()]
+    metrics = [m for m in metrics if m in done and done[m].nunique() > 1]  # empty or constant: nothing to show
     if not metrics:
         return None
     ncol = min(2, len(metrics))

@@ -50,7 +50,8 @@ def pick_budget(study: StudyData) -> BudgetPick:
     h = study.histories
     curves = h[h["step"].isin(bs)].rename(columns={"step": "budget"})
     curves = curves[["run_id", "seed", "score", "entry", "budget", "value"]].reset_index(drop=True)
-    oracle_entries = [e for e in study.panel.entries if ((curves["score"] == "oracle_acc") & (curves["entry"] == e)).any()]
+    oracle = curves[curves["score"] == "oracle_acc"]
+    oracle_entries = [e for e in study.panel.entries if (oracle["entry"] == e).any()]
     rows = []
     for i, b in enumerate(bs):
         means = {e: _at(curves, "oracle_acc", e, b).mean() for e in oracle_entries}

@@ -99,8 +99,9 @@ def section(study: StudyData, reference_run: str | None, ui: str | None, command
     if "diffablate.command" in cmd:
         items.append(f"The study was run with: `{cmd['diffablate.command']}`.")
     else:
+        source = f"; MLflow's source name is `{cmd['mlflow.source.name']}`" if cmd else ""
         items.append("Run the study again: `diffablate study run SPEC.toml` with the spec below (the store records "
-                     "no command line" + (f"; MLflow's source name is `{cmd['mlflow.source.name']}`" if cmd else "") + ").")
+                     f"no command line{source}).")
     items.append(f"Spec hash `{study.parent_tags.get('diffablate.spec_hash', '–')}`; experiment "
                  f"`{study.study}` (id {study.experiment_id}); parent run {run_link(study, study.parent_run_id, ui)}.")
     git = _first(study, GIT_TAGS, runs)

@@ -247,7 +247,8 @@ def _row(study: StudyData, claim: dict[str, Any], role: str, score: str, entry: 
             "column": column, "better": better, "expect": expect, "margin": claim.get("margin"),
             "failed_baseline": arms.failed_baseline, "units_baseline": arms.units_baseline,
             "failed_variant": arms.failed_variant, "units_variant": arms.units_variant,
-            "lost_baseline": arms.lost_baseline, "lost_variant": arms.lost_variant, "logged": column in study.trials, **_contrast_fields(c)}
+            "lost_baseline": arms.lost_baseline, "lost_variant": arms.lost_variant, "logged": column in study.trials,
+            **_contrast_fields(c)}
 
 
 def _contrast_fields(c: Contrast) -> dict[str, Any]:
@@ -318,8 +319,9 @@ def _null_verdict(r: dict[str, Any]) -> tuple[str, str]:
     if failed:
         return "difference", "the baseline configuration does not run reliably: " + ", ".join(failed)
     if r["status"] in ("constant", "too few"):
-        return "not checked", ("constant metric: no test" if r["status"] == "constant"
-                               else f"fewer than 2 seeds per arm (baseline {r['n_baseline']}, variant {r['n_variant']})")
+        if r["status"] == "constant":
+            return "not checked", "constant metric: no test"
+        return "not checked", f"fewer than 2 seeds per arm (baseline {r['n_baseline']}, variant {r['n_variant']})"
     if r["status"] == "degenerate":
         if abs(r["effect"]) <= 1e-12:
             return "no difference", ("the replicate reproduced every seed exactly: this checks determinism, not "
@@ -327,7 +329,8 @@ def _null_verdict(r: dict[str, Any]) -> tuple[str, str]:
         return "difference", f"every seed differs by the same {r['effect']:.4g} (zero-width interval)"
     if r["p_holm"] < ALPHA:
         return "difference", f"Holm-adjusted p = {r['p_holm']:.3g} < 0.05 across the control's entries"
-    return "no difference", f"Holm-adjusted p = {r['p_holm']:.3g} across the control's entries (raw p = {r['p_value']:.3g})"
+    return "no difference", (f"Holm-adjusted p = {r['p_holm']:.3g} across the control's entries "
+                             f"(raw p = {r['p_value']:.3g})")
 
 
 def _control(study: StudyData, claim: dict[str, Any], frame: pd.DataFrame) -> dict[str, Any]:
@@ -396,7 +399,8 @@ def _summaries(study: StudyData, j: Judgement) -> pd.DataFrame:
             overall = {"passed": "control passed", "failed": "control FAILED"}.get(overall, "control not checked")
         rows.append({
             "claim": name, "role": r["role"], "verdict": overall, "trust": j.trusted, "agreement": agreement(sub),
-            "entry": r["entry"], "status": r["status"], "constant_value": r["constant_value"], "metric": r["metric"], "effect": r["effect"], "ci_low": r["ci_low"],
+            "entry": r["entry"], "status": r["status"], "constant_value": r["constant_value"], "metric": r["metric"],
+            "effect": r["effect"], "ci_low": r["ci_low"],
             "ci_high": r["ci_high"], "n_pairs": r["n_pairs"], "n_baseline": r["n_baseline"],
             "n_variant": r["n_variant"], "failed_baseline": f"{r['failed_baseline']}/{r['units_baseline']}",
             "failed_variant": f"{r['failed_variant']}/{r['units_variant']}", "test": r["test"],
