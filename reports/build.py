@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -258,9 +259,11 @@ def _parent_tags(j: verdicts.Judgement, pick: learning.BudgetPick | None) -> dic
     """Verdicts on the parent run, so studies can be filtered and compared by them in MLflow."""
     tags = {"diffablate.instrument": j.instrument, "diffablate.trusted": j.trusted}
     for _, r in j.claims.iterrows():
-        tags[f"diffablate.verdict.{r['claim']}"] = str(r["verdict"])
-        tags[f"diffablate.agreement.{r['claim']}"] = str(r["agreement"])
-        tags[f"diffablate.effect.{r['claim']}"] = _effect_str(r)
+        # MLflow tag keys allow word characters, . - / : and space (and no ".." path tricks); map the rest to _.
+        key = re.sub(r"[^\w.\- ]", "_", str(r["claim"])).replace("..", "_")
+        tags[f"diffablate.verdict.{key}"] = str(r["verdict"])
+        tags[f"diffablate.agreement.{key}"] = str(r["agreement"])
+        tags[f"diffablate.effect.{key}"] = _effect_str(r)
     bar = j.baseline_bar
     if bar.get("entries"):
         tags["diffablate.baseline_bar"] = "below" if bar["below"] else "met"

@@ -113,7 +113,7 @@ def effects_forest(rows: pd.DataFrame, out_dir: Path) -> str | None:
     entries = list(dict.fromkeys(rows["entry"]))
     markers = dict(zip(entries, ENTRY_MARKERS * 2))
     step = 0.7 / max(1, len(entries))
-    height = 1.6 + 0.3 * len(claims) * max(1, min(len(entries), 4))
+    height = 1.8 + len(claims) * (0.3 + 0.1 * min(len(entries), 6))
     with theme():
         fig = Figure(figsize=(3.4 * len(metrics) + 2.2, height), layout="constrained")
         axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]

@@ -140,7 +140,7 @@ _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:80rem;margin:0.6rem auto;padding:0 1rem;
 color:#222;line-height:1.4}
 h1{font-size:1.35rem;margin:0.2rem 0 0.4rem} h2{margin-top:2rem;border-bottom:1px solid #ddd}
-.scroll{overflow-x:auto;max-width:100%}
+.scroll{overflow-x:auto;max-width:100%} .scroll td:last-child{min-width:16rem}
 table{border-collapse:collapse;margin:0.8rem 0;font-size:0.9rem}
 th,td{border:1px solid #ccc;padding:0.25rem 0.5rem;text-align:left;vertical-align:top}
 th{background:#f2f2f2} tr:nth-child(even) td{background:#fafafa}

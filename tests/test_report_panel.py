@@ -327,13 +327,20 @@ def test_reproducibility_block_and_figures(good) -> None:
     assert "class_acc" not in forest_metrics
 
 
-def test_links_use_the_mlflow_ui_route(good, tmp_path: Path) -> None:
-    workdir, uri, _ = good
-    res = build_report("panel", uri, tmp_path / "rep", log_to_mlflow=False, mlflow_ui="http://127.0.0.1:5000")
-    data = load_study("panel", uri)
-    html = (res.out_dir / "report.html").read_text()
+def test_links_use_the_mlflow_ui_route(good) -> None:
+    from diffablate.reports.render import Para, to_html
+    from diffablate.reports.repro import run_link, ui_address
+
+    data = load_study("panel", good[1])
     rid = data.trials["run_id"].iloc[0]
+    link = run_link(data, rid, ui_address(data, "http://127.0.0.1:5000"))
+    html = to_html([Para(link)], "t", Path("."))
     assert f'<a href="http://127.0.0.1:5000/#/experiments/{data.experiment_id}/runs/{rid}">{rid[:8]}</a>' in html
+    # A SQLite store has no UI of its own: the route is written out as code, not as a dead link.
+    assert run_link(data, rid, ui_address(data, None)) == f"`#/experiments/{data.experiment_id}/runs/{rid}`"
+    served = dataclasses.replace(data, tracking_uri="http://mlflow.example:5000")
+    assert run_link(served, rid, ui_address(served, None)).endswith(f"(http://mlflow.example:5000/#/experiments/"
+                                                                     f"{data.experiment_id}/runs/{rid})")
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
