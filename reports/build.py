@@ -22,8 +22,8 @@ from typing import Any
 import pandas as pd
 
 from diffablate.reports import figures, learning, repro, stats, timestep, verdicts
-from diffablate.reports.load import (HEADLINE_SCORES, PROMPTS_ARTIFACT, REAL_ARTIFACT, ReportError, StudyData,
-                                     axis_value, download_samples, load_study, log_report, parse_cell,
+from diffablate.reports.load import (HEADLINE_SCORES, REAL_ARTIFACT, ReportError, StudyData, axis_value,
+                                     download_samples, load_study, log_report, parse_cell, prompts_artifact,
                                      read_json_artifact, same_axis)
 from diffablate.reports.render import (Block, Bullets, Callout, Fig, Heading, Para, Table, fmt_value, to_html,
                                        to_markdown)
@@ -515,32 +515,32 @@ def _samples_section(study: StudyData, fig_dir: Path) -> list[Block]:
     rows = rows[:SAMPLE_CELLS]
     run_ids = [rid for _, cols in rows for rid, _ in cols]
     with tempfile.TemporaryDirectory(prefix="diffablate-samples-") as tmp:
-        images = download_samples(study, run_ids, Path(tmp))
-        real = download_samples(study, [study.parent_run_id, *run_ids], Path(tmp) / "real", REAL_ARTIFACT)
-        real_path = real.get(study.parent_run_id) or next(iter(real.values()), None)
-        stem = figures.sample_grids(images, rows, fig_dir, real_path)
+        found = download_samples(study, run_ids, Path(tmp))
+        real = download_samples(study, [study.parent_run_id, *run_ids], Path(tmp) / "real", [REAL_ARTIFACT])
+        real_path = (real.get(study.parent_run_id) or next(iter(real.values()), (None, "")))[0]
+        stem = figures.sample_grids({rid: path for rid, (path, _) in found.items()}, rows, fig_dir, real_path)
     if stem is None:
-        return out + [Para("No trial logged `samples/final.png`.")]
-    lacking = len(run_ids) - len(images)
+        return out + [Para("No trial logged a sample grid (`samples/eval_<entry>.png` or `samples/final.png`).")]
+    kinds = sorted({artifact for _, artifact in found.values()})
+    lacking = len(run_ids) - len(found)
     note = f" {lacking} of the {len(run_ids)} chosen runs had no sample grid." if lacking else ""
     real_note = (" The first row is real images for the same prompts." if real_path is not None else
-                 " No real-image grid (`samples/real.png`) was logged.")
-    out.append(Fig(stem, f"Final samples per design cell (rows) for up to {SAMPLE_SEEDS} seeds (columns); every grid "
-                         "uses the same prompts and sampling seeds." + real_note + note))
+                 f" No real-image grid (`{REAL_ARTIFACT}`) was logged.")
+    out.append(Fig(stem, f"Samples per design cell (rows) for up to {SAMPLE_SEEDS} seeds (columns), from "
+                         + ", ".join(f"`{k}`" for k in kinds) + "; every grid uses the same prompts and initial noise."
+                         + real_note + note))
     prompts = None
-    for rid in run_ids:
-        got = read_json_artifact(study, rid, PROMPTS_ARTIFACT)
-        if isinstance(got, dict) and isinstance(got.get("prompts"), list):
-            prompts = got
+    for rid, (_, artifact) in found.items():
+        got = read_json_artifact(study, rid, prompts_artifact(artifact))
+        got = got.get("prompts") if isinstance(got, dict) else got  # the trainer's file wraps the list
+        if isinstance(got, list):
+            prompts = [str(p) for p in got]
             break
     if prompts is not None:
-        how = ", ".join(f"{k} {prompts[k]}" for k in ("sampler", "steps", "guidance_scale", "seed") if k in prompts)
-        out.append(Para("Prompts, in grid order (left to right, then down, 4 per row)" + (f"; {how}" if how else "")
-                        + ":"))
-        out.append(Table(pd.DataFrame({"#": range(1, len(prompts["prompts"]) + 1),
-                                       "prompt": [str(p) for p in prompts["prompts"]]})))
+        out.append(Para("Prompts, in grid order (left to right, then down, 4 per row):"))
+        out.append(Table(pd.DataFrame({"#": range(1, len(prompts) + 1), "prompt": prompts})))
     else:
-        out.append(Para("No `samples/prompts.json` was logged; the grids' prompts are unknown."))
+        out.append(Para("No prompts file was logged beside the grids; their prompts are unknown."))
     return out
 
 

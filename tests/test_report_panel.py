@@ -52,7 +52,7 @@ def _arm(cell: str) -> dict:
 CLAIMS = [
     {"name": "null", "statement": "The baseline against a replicate of itself.", "metric": "oracle_acc",
      "baseline": {**BASE, "replicate": 0}, "variant": {**BASE, "replicate": 1}, "better": "higher",
-     "expect": "baseline_better", "margin": None, "panel": None, "role": "null-control"},
+     "expect": "no_difference", "margin": None, "panel": None, "role": "null-control"},
     {"name": "text-matters", "statement": "Without text the images cannot match their captions.",
      "metric": "oracle_acc", "baseline": _arm("B"), "variant": _arm("none"), "better": "higher",
      "expect": "baseline_better", "margin": None, "panel": None, "role": "positive-control"},
@@ -126,9 +126,10 @@ def make_panel_store(workdir: Path, study: str, broken: bool = False) -> str:
         "mlflow.source.git.commit": COMMIT, "diffablate.command": f"diffablate study run {study}.toml",
         "diffablate.versions": json.dumps({"torch": "2.11.0", "diffusers": "0.42.1", "mlflow": "3.17.2"})}).info.run_id
     client.log_dict(parent, CLAIMS, "claims.json")
-    client.log_dict(parent, {"entries": list(ENTRIES), "primary": "ddim-g3",
-                             "flags": {e: {"clip_sample": False, "timestep_spacing": "trailing",
-                                           "eta": 0.0 if e.startswith("ddim") else None} for e in ENTRIES}},
+    # As studies/ writes it: flags keyed by sampler, not by entry.
+    client.log_dict(parent, {"entries": list(ENTRIES), "primary": "ddim-g3", "steps": 25, "n_samples": 512,
+                             "flags": {"ddim": {"clip_sample": False, "timestep_spacing": "trailing", "eta": 0.0},
+                                       "ddpm": {"clip_sample": False, "timestep_spacing": "trailing"}}},
                     "panel.json")
     client.log_text(parent, f'name = "{study}"\nseeds = [0, 1, 2]\n', "study_spec.toml")
     client.log_artifact(parent, str(_png(workdir / "tmp" / "real.png", (250, 20, 20))), "samples")
@@ -163,11 +164,12 @@ def make_panel_store(workdir: Path, study: str, broken: bool = False) -> str:
                              tags=[RunTag("mlflow.source.git.commit", COMMIT)])
             if not failed:
                 client.log_dict(rid, {"seed": seed, "eval": {"sampler": "ddim", "guidance_scale": 3.0}}, "config.json")
+                # The primary entry's evaluation grid and its captions, as studies/evaluate.py logs them.
                 shade = 40 * list(CELLS).index(cell)
-                client.log_artifact(rid, str(_png(workdir / "tmp" / str(number) / "final.png",
+                client.log_artifact(rid, str(_png(workdir / "tmp" / str(number) / "eval_ddim-g3.png",
                                                   (shade, 255 - shade, 60 * seed))), "samples")
-                client.log_dict(rid, {"prompts": ["a red circle", "a blue square above a green triangle"], "seed": 1234,
-                                      "sampler": "ddim", "steps": 25, "guidance_scale": 3.0}, "samples/prompts.json")
+                client.log_dict(rid, ["a red circle", "a blue square above a green triangle"],
+                                "samples/eval_ddim-g3_prompts.json")
             client.set_terminated(rid, "FAILED" if failed else "FINISHED")
             number += 1
     client.set_terminated(parent, "FINISHED")
@@ -196,7 +198,7 @@ def _rows(result, claim: str) -> pd.DataFrame:
 def test_panel_is_read_from_panel_json(good) -> None:
     data = load_study("panel", good[1])
     assert data.panel.entries == ENTRIES and data.panel.primary == "ddim-g3"
-    assert data.panel.flags["ddim-g3"]["timestep_spacing"] == "trailing"
+    assert data.panel.flags["ddim"]["timestep_spacing"] == "trailing"
     assert {f"oracle_acc/{e}" for e in ENTRIES} <= set(data.trials.columns)
     assert "oracle_ceiling" in data.trials.columns and not any(c.startswith("system/") for c in data.trials.columns)
     assert set(data.histories["step"]) == {10, 20}  # FID was logged at two steps
@@ -322,6 +324,7 @@ def test_reproducibility_block_and_figures(good) -> None:
     figs = {p.stem for p in (res.out_dir / "figures").glob("*.png")}
     assert {"effects_forest", "claims", "samples", "fid_steps", "fid_bootstrap", "steps"} <= figs
     assert "a blue square above a green triangle" in md and "real images for the same prompts" in md
+    assert "`samples/eval_ddim-g3.png`" in md  # the scored grid, not the trainer's
     # A constant metric gets no panel in the forest plot.
     forest_metrics = set(res.verdicts.loc[res.verdicts["status"] != "constant", "metric"])
     assert "class_acc" not in forest_metrics
