@@ -53,6 +53,10 @@ class TimestepSampler(ABC):
     The training loss is `(weights * loss_weighting(t) * per_example_loss).mean()`.
     """
 
+    # True when the distribution at step s depends on train.steps (the run's length), so the first s steps
+    # of a longer run differ from a run of s steps (learning curves read budgets off one long run).
+    follows_run_length: bool = False
+
     def __init__(self, cfg: "RunConfig") -> None:
         self.num_timesteps = cfg.diffusion.num_train_timesteps
         self.total_steps = cfg.train.steps
@@ -107,11 +111,27 @@ class SequentialSampler(TimestepSampler):
     (every t when steps * B >= T). Steps past `train.steps` stay at T-1. Deterministic; weights 1.
     """
 
+    follows_run_length = True
+
     def draw(self, batch_size: int, step: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         total = self.total_steps * batch_size
         pos = step * batch_size + torch.arange(batch_size, device=generator.device)
         t = torch.div(pos * self.num_timesteps, total, rounding_mode="floor").clamp(max=self.num_timesteps - 1)
         return t, self._ones(batch_size, generator)
+
+
+@TIMESTEP_SAMPLERS.register("reverse-sequential")
+class ReverseSequentialSampler(SequentialSampler):
+    """`sequential` walked the other way: one monotone sweep t = T-1 -> 0 over the whole run.
+
+    Example i of step s gets t = T-1 - floor((s * B + i) * T / (steps * B)), so t never increases and the
+    run ends on the smallest timesteps. With `sequential` it separates "any fixed order forgets" from "this
+    order forgets that end of the schedule". Deterministic; weights 1.
+    """
+
+    def draw(self, batch_size: int, step: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        t, w = super().draw(batch_size, step, generator)
+        return self.num_timesteps - 1 - t, w
 
 
 CYCLIC_STRIDE = 10  # T=1000 -> one sweep every 100 steps: many sweeps per run, each long enough to drift
@@ -268,6 +288,7 @@ class CurriculumSampler(DistributionSampler):
     """
 
     importance_weighted = False
+    follows_run_length = True  # the stages split train.steps
 
     def __init__(self, cfg: "RunConfig") -> None:
         super().__init__(cfg)
@@ -379,6 +400,25 @@ class CrossAttentionConditioning(Conditioning):
 
     def forward(self, x_t: Tensor, text: "TextEmbedding") -> tuple[Tensor, dict[str, Any]]:
         return x_t, {"encoder_hidden_states": text.tokens.to(x_t.dtype), "encoder_attention_mask": text.mask}
+
+
+@CONDITIONINGS.register("cross-attention-pooled")
+class PooledCrossAttentionConditioning(CrossAttentionConditioning):
+    """Parameter-matched control for the text route: the cross-attention UNet, attending to ONE token - the
+    pooled text embedding - instead of one per word.
+
+    The blocks (self-attention, cross-attention, feed-forward) are exactly those of `cross-attention` when
+    the encoder's pooled width equals its token width (both learned and CLIP encoders here), so
+    `cross-attention` vs this isolates per-token access to the caption at equal parameter count, and this vs
+    `pooled` isolates the route (attention vs the time embedding) at equal information.
+    """
+
+    def __init__(self, cfg: "RunConfig", text_encoder: "TextEncoder") -> None:
+        super().__init__(cfg, text_encoder)
+        self.dim = text_encoder.pooled_dim
+
+    def forward(self, x_t: Tensor, text: "TextEmbedding") -> tuple[Tensor, dict[str, Any]]:
+        return x_t, {"encoder_hidden_states": text.pooled[:, None, :].to(x_t.dtype), "encoder_attention_mask": None}
 
 
 @CONDITIONINGS.register("pooled")

@@ -41,6 +41,7 @@ from torch import nn
 
 from diffablate.models.config import ConfigError, DataConfig, RunConfig, _build, _check, _parse_overrides, _positive
 from diffablate.models.data import CaptionedImages, build_dataset
+from diffablate.models.device import resolve_device
 from diffablate.models.text import TextEmbedding, TextEncoder
 
 CACHE_VERSION = 1  # bump when training code changes what a cached CLIP contains
@@ -261,10 +262,6 @@ class ClipTrainResult:
     n_train: int
 
 
-def _resolve_device(device: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
-
-
 def _lr_factor(step: int, warmup: int, total: int) -> float:
     # Linear warm-up then cosine to zero: the usual CLIP / ViT schedule.
     if step < warmup:
@@ -283,7 +280,7 @@ def train_clip(train: CaptionedImages, clip_cfg: ClipConfig, out_dir: str | Path
     from tqdm.auto import tqdm
 
     seed = clip_cfg.seed if seed is None else seed
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     image_size = clip_cfg.image_size or train.resolution
     t0 = time.perf_counter()
 
@@ -391,7 +388,7 @@ class Clip:
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
             raise ClipError(f"{self.path}: not a Hugging Face CLIP directory (no config.json)")
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         with quiet_hf():
             self.model = CLIPModel.from_pretrained(self.path).to(self.device).eval().requires_grad_(False)
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)

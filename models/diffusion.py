@@ -8,7 +8,8 @@ conditioning axes act identically in training and at sampling.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin
@@ -34,7 +35,9 @@ def build_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
         beta_start=cfg.beta_start,
         beta_end=cfg.beta_end,
         prediction_type=cfg.prediction_type,
-        clip_sample=True,  # pixel-space images live in [-1, 1]: clip the predicted x0 there (DDPM's choice)
+        # Training only noises (add_noise) and never calls step(): no sampling flag is set or inherited here.
+        # Every sampler builds its own scheduler with its flags written out (SAMPLERS below).
+        clip_sample=False,
     )
 
 
@@ -72,19 +75,123 @@ def training_losses(denoiser: "Denoiser", scheduler: DDPMScheduler, x0: Tensor, 
 
 # --- sampling --------------------------------------------------------------------------------------
 
-SAMPLERS: Registry[Callable[[DDPMScheduler], SchedulerMixin]] = Registry("sampler")
+
+class Sampler(ABC):
+    """One way of sampling a trained model: a diffusers scheduler built with every flag that changes the
+    images set here, on purpose, and the call of its `step`.
+
+    Why explicit: a scheduler built `from_config` of the training DDPMScheduler inherits that config's flags.
+    Measured on one H200 (issue 14): DDIM built that way inherited `clip_sample=True` - diffusers then clips
+    the predicted x0 but keeps the unclipped epsilon in the DDIM update, an inconsistent step that with
+    guidance 3 took a well-trained baseline's oracle accuracy from 0.60 to 0.03. Every flag that decides what
+    the samples look like is therefore written out below, with its reason, and logged with every score
+    (`flags()` -> the run's `samplers.json` artifact and `sampler.<name>.<flag>` params).
+    """
+
+    def __init__(self, diffusion_cfg: DiffusionConfig) -> None:
+        self.diffusion = diffusion_cfg
+
+    @abstractmethod
+    def flags(self) -> dict[str, Any]:
+        """Every scheduler / step argument that changes samples, as passed (logged beside every score)."""
+
+    @abstractmethod
+    def scheduler(self) -> SchedulerMixin:
+        """A fresh scheduler for one sampling run (schedulers keep per-run state such as the step index)."""
+
+    def step(self, scheduler: SchedulerMixin, pred: Tensor, t: Tensor, x: Tensor, generator: torch.Generator) -> Tensor:
+        """x_{t-1} from the (guided) model output at t."""
+        return scheduler.step(pred, t, x, generator=generator).prev_sample
+
+    def _schedule(self) -> dict[str, Any]:
+        # The training noise schedule, restated (not inherited): the sampler must invert exactly what noised.
+        d = self.diffusion
+        return {"num_train_timesteps": d.num_train_timesteps, "beta_schedule": d.beta_schedule,
+                "beta_start": d.beta_start, "beta_end": d.beta_end, "prediction_type": d.prediction_type,
+                "trained_betas": None}
+
+
+SAMPLERS: Registry[type[Sampler]] = Registry("sampler")
+
+# Shared by every sampler, each with its reason:
+_COMMON_FLAGS: dict[str, Any] = {
+    # "trailing" (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", table 2):
+    # the first step is t = T-1, where training put pure noise, and the last lands on t < T/steps. The
+    # diffusers default "leading" starts at t = T - T/steps (960 of 1000 at 25 steps), asking the model to
+    # denoise pure noise as if some signal were left, and wastes the final step at t = 0.
+    "timestep_spacing": "trailing",
+    "steps_offset": 0,  # only meaningful for "leading" spacing (SD's 1); 0 keeps the trailing grid exact
+    # Imagen's dynamic thresholding targets very high guidance on large models; off: it changes the model.
+    "thresholding": False,
+    "rescale_betas_zero_snr": False,  # the training schedule is used as trained (its terminal SNR is ~4e-5)
+}
 
 
 @SAMPLERS.register("ddim")
-def _ddim(train_scheduler: DDPMScheduler) -> SchedulerMixin:
-    # Deterministic (eta = 0): the same initial noise gives the same image.
-    return DDIMScheduler.from_config(train_scheduler.config)
+class DDIMSampler(Sampler):
+    """Deterministic DDIM (Song et al. 2021, eta = 0) without x0 clipping: Stable Diffusion's choice for
+    epsilon models. The model's own prediction drives the update; nothing is clipped, so the x0 and epsilon
+    of each step stay consistent at any guidance scale."""
+
+    eta = 0.0  # deterministic: the same initial noise gives the same image
+    clip = False
+
+    def flags(self) -> dict[str, Any]:
+        return {**_COMMON_FLAGS, "scheduler": "DDIMScheduler", "clip_sample": self.clip,
+                "clip_sample_range": 1.0, "use_clipped_model_output": self.clip,
+                # With trailing spacing the last step goes to t = -1: alpha_bar_prev = 1 makes that step return
+                # the model's x0 prediction (the clean image), as the DDIM paper's final step does.
+                "set_alpha_to_one": True, "eta": self.eta}
+
+    def scheduler(self) -> SchedulerMixin:
+        f = self.flags()
+        return DDIMScheduler(**self._schedule(), clip_sample=f["clip_sample"], clip_sample_range=f["clip_sample_range"],
+                             set_alpha_to_one=f["set_alpha_to_one"], steps_offset=f["steps_offset"],
+                             thresholding=f["thresholding"], timestep_spacing=f["timestep_spacing"],
+                             rescale_betas_zero_snr=f["rescale_betas_zero_snr"])
+
+    def step(self, scheduler: SchedulerMixin, pred: Tensor, t: Tensor, x: Tensor, generator: torch.Generator) -> Tensor:
+        return scheduler.step(pred, t, x, eta=self.eta, use_clipped_model_output=self.clip,
+                              generator=generator).prev_sample
+
+
+@SAMPLERS.register("ddim-clip")
+class ClippedDDIMSampler(DDIMSampler):
+    """DDIM with the predicted x0 clipped to the data range [-1, 1] AND the epsilon recomputed from the
+    clipped x0 (`use_clipped_model_output`), so the step stays consistent: improved-diffusion's
+    `ddim_sample(clip_denoised=True)`. Kept beside `ddim` because clipping is exactly what broke the old
+    default: the two differ only in that, so a panel with both shows what clipping does."""
+
+    clip = True
 
 
 @SAMPLERS.register("ddpm")
-def _ddpm(train_scheduler: DDPMScheduler) -> SchedulerMixin:
-    # Ancestral sampling; fewer steps than T re-space the schedule (diffusers' set_timesteps).
-    return DDPMScheduler.from_config(train_scheduler.config)
+class DDPMSampler(Sampler):
+    """DDPM ancestral sampling (Ho et al. 2020), re-spaced to `eval.sampling_steps` (diffusers computes the
+    re-spaced betas from alpha_bar, as improved-diffusion's respacing does). Stochastic: the step noise comes
+    from the sampling generator."""
+
+    def flags(self) -> dict[str, Any]:
+        return {**_COMMON_FLAGS, "scheduler": "DDPMScheduler",
+                # Ho et al.: sigma_t^2 = beta~_t, the posterior variance (their other choice, beta_t, gave
+                # similar samples; beta~ is what a fixed-variance epsilon model's posterior implies).
+                "variance_type": "fixed_small",
+                # DDPM's own sampler clips x0 to the data range inside the posterior mean; unlike DDIM's step
+                # this stays consistent (the posterior mean is computed from the clipped x0 and x_t alone).
+                "clip_sample": True, "clip_sample_range": 1.0}
+
+    def scheduler(self) -> SchedulerMixin:
+        f = self.flags()
+        return DDPMScheduler(**self._schedule(), variance_type=f["variance_type"], clip_sample=f["clip_sample"],
+                             clip_sample_range=f["clip_sample_range"], thresholding=f["thresholding"],
+                             timestep_spacing=f["timestep_spacing"], steps_offset=f["steps_offset"],
+                             rescale_betas_zero_snr=f["rescale_betas_zero_snr"])
+
+
+def sampler_flags(cfg: "RunConfig") -> dict[str, dict[str, Any]]:
+    """Every panel sampler's flags (name -> flag -> value), for logging beside the scores."""
+    names = dict.fromkeys([cfg.eval.sampler, *cfg.eval.panel_samplers])
+    return {name: SAMPLERS.get(name)(cfg.diffusion).flags() for name in names}
 
 
 class _eval_mode:
@@ -151,8 +258,7 @@ def generate(denoiser: "Denoiser", text_encoder: "TextEncoder", captions: list[s
     ""-captions and zero noise to `batch_size` rows and the padding discarded: every image depends only on
     its own row (GroupNorm and attention are per image), so padding changes no image.
     """
-    make = SAMPLERS.get(sampler)
-    train_scheduler = build_scheduler(cfg.diffusion)
+    method = SAMPLERS.get(sampler)(cfg.diffusion)
     res, ch = cfg.data.resolution, denoiser.image_channels
     noise = torch.randn(len(captions), ch, res, res, generator=generator, device=generator.device)
     guided = guidance_scale != 1.0 and not denoiser.ignores_text
@@ -175,7 +281,7 @@ def generate(denoiser: "Denoiser", text_encoder: "TextEncoder", captions: list[s
             rows = len(batch)
             # Conditional and unconditional rows share one forward pass (one launch sequence on the GPU).
             text = text_encoder(batch + [""] * rows if guided else batch).to(device)
-            scheduler = make(train_scheduler)
+            scheduler = method.scheduler()
             scheduler.set_timesteps(steps, device=device)
             for t in scheduler.timesteps:
                 tt = t.to(device=device, dtype=torch.long).expand(2 * rows if guided else rows)
@@ -183,7 +289,7 @@ def generate(denoiser: "Denoiser", text_encoder: "TextEncoder", captions: list[s
                 if guided:
                     cond, uncond = pred.float().chunk(2)
                     pred = uncond + guidance_scale * (cond - uncond)
-                x = scheduler.step(pred.float(), t, x, generator=generator).prev_sample
+                x = method.step(scheduler, pred.float(), t, x, generator)
             out.append(to_uint8(x[:n]).cpu())
     return torch.cat(out) if out else torch.zeros(0, ch, res, res, dtype=torch.uint8)
 

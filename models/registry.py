@@ -40,7 +40,7 @@ class Registry(Generic[T]):
         return iter(self._items)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return isinstance(name, str) and name in self._items  # a list or table from a spec is simply not a name
 
     def __len__(self) -> int:
         return len(self._items)

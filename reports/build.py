@@ -21,15 +21,16 @@ from typing import Any
 
 import pandas as pd
 
+import diffablate.studies.workdir as workdir_layout  # dependency-free: the work-dir layout and study.json
 from diffablate.reports import figures, learning, repro, stats, timestep, verdicts
 from diffablate.reports.load import (HEADLINE_SCORES, REAL_ARTIFACT, ReportError, StudyData, axis_value,
                                      download_samples, load_study, log_report, parse_cell, prompts_artifact,
                                      read_json_artifact, same_axis)
 from diffablate.reports.render import (Block, Bullets, Callout, Fig, Heading, Para, Table, fmt_value, to_html,
                                        to_markdown)
+from diffablate.studies.workdir import default_tracking_uri  # noqa: F401 - re-exported for report callers
 
 FLOAT_FORMAT = "%.6g"  # CSV floats: stable, short, enough digits for every metric here
-OPTUNA_FILES = ("optuna.db", "study.db")  # where studies/ may keep the Optuna storage inside a work dir
 SAMPLER_AXIS = "timestep_sampler"
 SAMPLE_SEEDS = 3  # seeds shown per design cell in the samples figure
 SAMPLE_CELLS = 8
@@ -50,36 +51,16 @@ class ReportResult:
     picked_budget: int | None = None
 
 
-def default_tracking_uri(workdir: Path) -> str:
-    """The contract's default store: ``sqlite:///<workdir>/mlflow.db``."""
-    return f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
-
-
 def find_tracking_uri(workdir: Path, study: str) -> str:
     """The study's MLflow store: the `--tracking-uri` recorded in ``<workdir>/study.json`` by `study run`,
-    else the work dir's own ``mlflow.db`` (`default_tracking_uri`)."""
-    try:
-        recorded = json.loads((workdir / "study.json").read_text())["studies"][study].get("tracking_uri")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        recorded = None
-    return str(recorded) if recorded else default_tracking_uri(workdir)
+    else the work dir's own ``mlflow.db`` (studies/workdir.py owns that layout)."""
+    return workdir_layout.find_tracking_uri(workdir, study)
 
 
 def find_optuna_storage(workdir: Path, study: str) -> str | None:
     """The study's Optuna storage: as recorded in ``<workdir>/study.json`` by studies/, else an Optuna SQLite
     file in the work dir; None when there is neither (the search plots are then skipped with a note)."""
-    try:
-        recorded = json.loads((workdir / "study.json").read_text())["studies"][study].get("storage")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        recorded = None
-    if recorded:
-        if recorded.startswith("journal:") and not Path(recorded[len("journal:"):]).is_absolute():
-            return "journal:" + str((workdir / recorded[len("journal:"):]).resolve())  # relative to the work dir
-        return str(recorded)
-    for name in OPTUNA_FILES:
-        if (workdir / name).is_file():
-            return f"sqlite:///{(workdir / name).resolve()}"
-    return None
+    return workdir_layout.find_optuna_storage(workdir, study)
 
 
 def build_report(study_name: str, tracking_uri: str, out_dir: Path, *, optuna_storage: str | None = None,
@@ -570,7 +551,7 @@ def _search_section(study: StudyData, storage: str | None, fig_dir: Path) -> lis
         return []  # a grid's "importance" would rank the cell index and the seed: noise, not insight
     if storage is None:
         return [Heading(2, "Search"), Para("No Optuna storage was given or found in the work dir "
-                                           f"({', '.join(OPTUNA_FILES)}); search plots skipped.")]
+                                           f"({', '.join(workdir_layout.OPTUNA_FILES)}); search plots skipped.")]
     stems, note = figures.optuna_plots(storage, study.study, fig_dir)
     out: list[Block] = [Heading(2, "Search")]
     captions = {"optuna_history": "Optuna optimisation history.",

@@ -9,7 +9,7 @@ learned text encoder, the same batch size and number of steps, in one process, a
   `train_loss += avg_loss.item()` (a host sync), `clip_grad_norm_`, plain `torch.optim.AdamW`,
   `get_scheduler("constant_with_warmup")` and `EMAModel.step` (its default per-parameter loop); fp32, or
   the examples' `--mixed_precision` as autocast. No torch.compile.
-- **fast**: `models.trainer.train_step` itself (the loop body of `train`, not a copy), with the run's
+- **fast**: `models.step.train_step` itself (the loop body of `train`, not a copy), with the run's
   `cfg.perf` switches resolved for the device: bf16 autocast, channels_last, fused AdamW, torch.compile,
   data on the device, no host sync per step.
 
@@ -44,6 +44,8 @@ from diffablate.models import diffusion
 from diffablate.models.config import ConfigError, RunConfig
 from diffablate.models.data import build_dataset, to_model_range
 from diffablate.models.denoiser import count_parameters
+from diffablate.models.device import resolve_device
+from diffablate.models.step import draw_batch, train_step
 
 # Dense (no sparsity) bf16 tensor-core peak of an H100/H200 SXM by NVIDIA's datasheet; MFU is quoted
 # against it. The lent H200 measured ~790 TFLOP/s on a large random bf16 matmul (device KINDS.md), so
@@ -138,7 +140,7 @@ class ReferenceLoop:
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
 
-        from diffablate.models.trainer import build_models, resolve_device, stream_seed
+        from diffablate.models.trainer import build_models, stream_seed
 
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
@@ -156,7 +158,7 @@ class ReferenceLoop:
                                           num_warmup_steps=cfg.train.warmup_steps)
         self.ema = EMAModel(self.params, decay=cfg.train.ema_decay, use_ema_warmup=True)
         self.ema.to(self.device)
-        self.gen = torch.Generator().manual_seed(stream_seed(cfg.seed, "data"))
+        self.gen = torch.Generator().manual_seed(stream_seed(cfg.seed, "data", cfg.replicate))
         self.train_loss = 0.0
         self.losses: list[float] = []
 
@@ -186,20 +188,17 @@ class ReferenceLoop:
 
 
 class TrainerLoop:
-    """`models.trainer.train_step` on a context built exactly as `train` builds it."""
+    """`models.step.train_step` on a context built exactly as `train` builds it."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
         from diffablate.models import trainer
 
-        self._trainer = trainer
         self.ctx = trainer.build_context(cfg, run_dir)
-        self.params = [p for p in self.ctx.model.parameters() if p.requires_grad]
         self.step_no = 0
         self.cum_loss: list[Tensor] = []  # cumulative train_loss sums (device), for loss curves without syncs
 
     def step(self, _: int = 0) -> None:
-        t = self._trainer
-        t.train_step(self.ctx, self.step_no, t.draw_batch(self.ctx, self.step_no), self.params)
+        train_step(self.ctx, self.step_no)
         self.step_no += 1
 
     def step_recording(self, _: int = 0) -> None:
@@ -220,10 +219,8 @@ def flops_per_step(loop: TrainerLoop) -> float:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from diffablate.models import trainer
-
     c = loop.ctx
-    batch = trainer.draw_batch(c, loop.step_no)
+    batch = draw_batch(c, loop.step_no)
     counter = FlopCounterMode(display=False)
     with counter:
         text = c.model.text_encoder(batch.captions)
@@ -254,8 +251,6 @@ def _device_info(device: torch.device) -> dict[str, Any]:
 
 
 def _device_of(cfg: RunConfig) -> torch.device:
-    from diffablate.models.trainer import resolve_device
-
     return resolve_device(cfg.device)
 
 
@@ -411,8 +406,6 @@ def run_bench(*, device: str = "cuda", batch_size: int = 512, steps: int = 50, w
     the first variant. `on_part(record)` is called after each part with the record so far (a device call
     that may hit its time limit saves partial results this way)."""
     save = on_part or (lambda rec: None)
-    from diffablate.models.trainer import resolve_device
-
     if steps < 1 or warmup < 0:
         raise BenchError(f"--steps must be >= 1 and --warmup >= 0, got {steps} / {warmup}")
     cfg = bench_config(width=width, batch_size=batch_size, device=device, n_train=n_train, overrides=overrides)

@@ -48,6 +48,10 @@ def run_cmd(
                                                help="MLflow store for the parent and every trial run: "
                                                     "sqlite:////shared/mlflow.db, http://host:5000, postgresql://... "
                                                     "(default: as recorded for the study, else <workdir>/mlflow.db)."),
+    pack: str = typer.Option("auto", "--pack",
+                             help="Trials a worker trains together as one pack (same UNet program, its own "
+                                  "streams, run, checkpoints each): 'auto' (up to 12 on a GPU, off on the CPU), "
+                                  "'off', or a number."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the planned trials, train nothing."),
     trial_fn: Optional[str] = typer.Option(None, "--trial-fn", hidden=True, help="module:function replacing train+eval (tests)."),
 ) -> None:
@@ -59,6 +63,7 @@ def run_cmd(
     try:
         spec = load_spec(spec_file)
         runner.resolve_tracking_uri(tracking_uri)  # its syntax first: the cheapest check
+        runner.check_pack(pack)
         # Everything the spec parser cannot see (data files, FID weights, storage, work dir, MLflow store),
         # checked before the work dir, the Optuna study or any MLflow run is created.
         preflight.check_study(spec, workdir=workdir, storage=storage, new_name=new_name)
@@ -68,7 +73,7 @@ def run_cmd(
             return
         handle = runner.run_study(spec, workdir=workdir, storage=storage, new_name=new_name, workers=workers,
                                   workers_per_gpu=workers_per_gpu, trial_fn=trial_fn, tracking_uri=uri,
-                                  log=typer.echo)
+                                  log=typer.echo, pack=pack)
     except _errors() as e:
         _fail(e)
     _print_status(handle)
@@ -78,7 +83,7 @@ def _print_plan(spec) -> None:  # noqa: ANN001 - StudySpec, imported lazily
     from rich.console import Console
     from rich.table import Table
 
-    per_cell = spec.n_trials if spec.kind == "search" else len(spec.seeds)
+    per_cell = spec.design.n_per_cell(spec)
     table = Table(title=f"{spec.name}: {spec.kind}, {len(spec.cells)} cells x {per_cell} = {spec.n_planned} trials "
                         f"(spec {spec.spec_hash})")
     table.add_column("#", justify="right")

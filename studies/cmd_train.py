@@ -78,7 +78,8 @@ def train_cmd(
     """Train one configuration, tracked in MLflow; re-running the same command resumes from its checkpoint."""
     from diffablate.models.checkpoint import CheckpointError
     from diffablate.models.data import DataError
-    from diffablate.models.trainer import TrainingDiverged, resolve_device, resolve_perf, train
+    from diffablate.models.device import resolve_device, resolve_perf
+    from diffablate.models.trainer import TrainingDiverged, train
     from diffablate.studies import tracking
 
     try:
@@ -152,7 +153,8 @@ def sample_cmd(
 
     from diffablate.models import diffusion
     from diffablate.models.checkpoint import CheckpointError, read_json
-    from diffablate.models.trainer import grid_image, load_trained
+    from diffablate.models.probes import grid_image
+    from diffablate.models.trainer import load_trained
 
     try:
         if sampler not in diffusion.SAMPLERS:

@@ -1,13 +1,25 @@
-"""Score a trained run: sample images for held-out captions, then FID/KID, CLIP-score and the shapes oracle.
+"""Score a trained run under its sampling panel: sample images for held-out captions with every panel entry,
+then FID/KID, CLIP-score and the dataset's alignment oracle for each.
 
 Backs both a study trial's final metrics and `diffablate eval RUN --n N`. Design choices:
+
+- **The panel** (`cfg.eval.panel()`: samplers x guidance scales): every score that depends on sampling is
+  computed once per entry and named `<score>/<entry>` (metrics/names.py), e.g. `oracle_acc/ddpm-g3`. The
+  samplers' flags are set in models/diffusion.py `SAMPLERS`, never inherited, and logged with the scores
+  (`samplers.json`, params `sampler.<name>.<flag>`).
 
 - **Paired sampling.** Captions are the first n held-out captions (cycled when n exceeds the split) and
   the initial noise comes from a fixed generator seed, the same for every trial of every study: two
   cells differ only by what they trained, which narrows the variance of cell differences.
 - **Cached reference.** FID/KID compare against the held-out split's Inception statistics, computed once
   per (dataset config, n) and cached by metrics/fid.py - on CPU the Inception costs ~8 img/s.
+- **Common random numbers across entries too:** every entry starts from the same initial noise, so two
+  entries differ only by how they sample.
+- **Fixed costs once per process:** the Inception network and the reference statistics stay loaded across
+  the trials a worker scores (a study worker scores many).
 - Which scores run is `cfg.eval` (`fid`, `kid`, `clip_score`, `oracle`); the oracle only exists for shapes.
+  Beside the oracle's accuracy goes its *ceiling* (`oracle_ceiling`: the oracle on the real held-out images
+  behind the same captions, the best a generator can score).
 """
 
 from __future__ import annotations
@@ -47,15 +59,17 @@ SAMPLE_BATCH = {"cuda": 2048}
 
 
 def generate_samples(trained: Any, cfg: RunConfig, captions: list[str], device: torch.device,
-                     batch_size: int | None = None) -> torch.Tensor:
-    """uint8 [N, C, H, W] images for `captions` with the eval sampler settings and the fixed noise seed.
+                     batch_size: int | None = None, *, sampler: str | None = None,
+                     guidance: float | None = None) -> torch.Tensor:
+    """uint8 [N, C, H, W] images for `captions` with one sampler at one guidance scale (default: the primary
+    entry, `cfg.eval.sampler` / `cfg.eval.guidance_scale`) from the fixed noise seed.
 
     Runs under the run's resolved `perf.mixed_precision` (bf16 autocast on CUDA by default, as in
     training; fp32 on the CPU), `perf.compile` and `perf.cuda_graphs` (see `diffusion.generate`). The initial
     noise is drawn up front, so the batch size never changes the images.
     """
     from diffablate.models.diffusion import generate
-    from diffablate.models.trainer import resolve_perf
+    from diffablate.models.device import resolve_perf
 
     device = torch.device(device)
     perf = resolve_perf(cfg.perf, device)
@@ -67,23 +81,46 @@ def generate_samples(trained: Any, cfg: RunConfig, captions: list[str], device: 
     most = batch_size or SAMPLE_BATCH.get(device.type, 256)
     batch_size = math.ceil(len(captions) / max(1, math.ceil(len(captions) / most)))
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        return generate(trained.denoiser, trained.text_encoder, captions, cfg=cfg, sampler=ev.sampler,
-                        steps=ev.sampling_steps, guidance_scale=ev.guidance_scale, generator=gen, device=device,
-                        batch_size=max(batch_size, 1), compile=perf.compile,
+        return generate(trained.denoiser, trained.text_encoder, captions, cfg=cfg, sampler=sampler or ev.sampler,
+                        steps=ev.sampling_steps, guidance_scale=ev.guidance_scale if guidance is None else guidance,
+                        generator=gen, device=device, batch_size=max(batch_size, 1), compile=perf.compile,
                         cuda_graph=perf.cuda_graphs)
+
+
+# --- fixed costs paid once per process -----------------------------------------------------------------
+
+_EXTRACTORS: dict[str, Any] = {}
+_REFERENCES: dict[tuple[str, int, str], Any] = {}
+
+
+def _extractor(device: torch.device) -> Any:
+    from diffablate.metrics.inception import FeatureExtractor
+
+    key = str(device)
+    if key not in _EXTRACTORS:
+        _EXTRACTORS[key] = FeatureExtractor(device=device)
+    return _EXTRACTORS[key]
+
+
+def _reference(cfg: RunConfig, heldout: Any, extractor: Any) -> Any:
+    from diffablate.metrics.fid import get_reference_stats
+
+    key = (reference_key(cfg), len(heldout), extractor.weights_sha256)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = get_reference_stats(key[0], key[1], lambda: heldout.images, extractor)
+    return _REFERENCES[key]
 
 
 def score_images(images: torch.Tensor, captions: list[str], labels: list[dict[str, Any]] | None, heldout: Any,
                  cfg: RunConfig, device: torch.device) -> dict[str, float]:
-    """The contract's final metrics for generated `images` (one per caption)."""
+    """Sampling-dependent scores of generated `images` (one per caption), with plain names (`fid`, ...)."""
     ev = cfg.eval
     out: dict[str, float] = {}
     if ev.fid or ev.kid:
-        from diffablate.metrics.fid import get_reference_stats, score_fid, score_kid
-        from diffablate.metrics.inception import FeatureExtractor
+        from diffablate.metrics.fid import score_fid, score_kid
 
-        extractor = FeatureExtractor(device=device)
-        ref = get_reference_stats(reference_key(cfg), len(heldout), lambda: heldout.images, extractor)
+        extractor = _extractor(device)
+        ref = _reference(cfg, heldout, extractor)
         feats = extractor(images)
         if ev.fid:
             out.update(score_fid(feats, ref, n_bootstrap=ev.bootstrap, seed=0).to_metrics("fid"))
@@ -106,40 +143,75 @@ def score_images(images: torch.Tensor, captions: list[str], labels: list[dict[st
     return out
 
 
+def ceilings(cfg: RunConfig, n: int) -> dict[str, float]:
+    """The alignment oracle's score on *real* held-out images of the run's resolution: the best a generator
+    can reach, logged beside every oracle score (0.85 of a 0.85 ceiling reads differently from 0.85 of 1.0)."""
+    if not (cfg.eval.oracle and cfg.data.name == "shapes"):
+        return {}
+    from diffablate.metrics.oracle import oracle_ceiling
+
+    return {"oracle_ceiling": oracle_ceiling(cfg.data, n=min(n, cfg.data.n_heldout, 1000))}
+
+
 def _judge_dir(cfg: RunConfig) -> Path:
     from diffablate.models.clip import ensure_clip
 
     return Path(ensure_clip(cfg.data, "judge", progress=False))
 
 
+def evaluate_trained(trained: Any, cfg: RunConfig, *, n: int | None = None, device: torch.device | str,
+                     tracker: Any = None, step: int | None = None, grid_dir: Path | None = None) -> dict[str, float]:
+    """Score a trained model (`trainer.Trained`) under every entry of `cfg.eval`'s panel.
+
+    -> `<score>/<entry>` metrics (metrics/names.py) plus the ceilings. With a `tracker`, the metrics are
+    NOT logged here (the caller decides the step); the samplers' flags, and per entry a grid of the first 16
+    samples with their captions, go to the run (`samples/eval_<entry>[_step<N>].png`).
+    """
+    from diffablate.metrics.names import entry_name, panel_metric
+    from diffablate.models.diffusion import sampler_flags
+
+    device = torch.device(device)
+    n = n or cfg.eval.n_samples
+    captions, labels, heldout = eval_captions(cfg, n)
+    metrics = ceilings(cfg, n)
+    flags = sampler_flags(cfg)
+    if tracker is not None:
+        tracker.log_dict(flags, "samplers.json")
+        tracker.log_params({f"sampler.{name}.{k}": v for name, f in flags.items() for k, v in f.items()})
+    for sampler, guidance in cfg.eval.panel():
+        entry = entry_name(sampler, guidance)
+        images = generate_samples(trained, cfg, captions, device, sampler=sampler, guidance=guidance)
+        scores = score_images(images, captions, labels, heldout, cfg, device)
+        metrics.update({panel_metric(k, entry): v for k, v in scores.items()})
+        if tracker is not None and grid_dir is not None:
+            suffix = f"_step{step:06d}" if step is not None else ""
+            _log_grid(tracker, images[:16], captions[:16], grid_dir / f"eval_{entry}{suffix}.png")
+    return metrics
+
+
 def evaluate_run(run_dir: str | Path, *, cfg: RunConfig | None = None, n: int | None = None, tracker: Any = None,
                  device: str | None = None) -> dict[str, float]:
-    """Sample `n` (default `cfg.eval.n_samples`) images from a trained run's EMA model and score them.
+    """Sample `n` (default `cfg.eval.n_samples`) images per panel entry from a trained run's EMA model and
+    score them (`evaluate_trained`).
 
-    `cfg` defaults to the checkpoint's own config; pass one to score with other eval settings. With a
-    `tracker`, the sample grid and the captions go to the run as samples/eval.png and samples/eval_prompts.json.
+    `cfg` defaults to the checkpoint's own config; pass one to score with other eval settings.
     """
-    from diffablate.models.trainer import load_trained, resolve_device
+    from diffablate.models.device import resolve_device
+    from diffablate.models.trainer import load_trained
 
     dev = resolve_device(device or (cfg.device if cfg is not None else "auto"))
     trained = load_trained(run_dir, dev)
     cfg = cfg or trained.cfg
-    n = n or cfg.eval.n_samples
-    captions, labels, heldout = eval_captions(cfg, n)
-    images = generate_samples(trained, cfg, captions, dev)
-    metrics = score_images(images, captions, labels, heldout, cfg, dev)
-    if tracker is not None:
-        _log_grid(tracker, images[:16], captions[:16], Path(run_dir))
-    return metrics
+    return evaluate_trained(trained, cfg, n=n, device=dev, tracker=tracker, grid_dir=Path(run_dir))
 
 
-def _log_grid(tracker: Any, images: torch.Tensor, captions: list[str], run_dir: Path) -> None:
-    from diffablate.models.trainer import grid_image
+def _log_grid(tracker: Any, images: torch.Tensor, captions: list[str], path: Path) -> None:
+    from diffablate.models.probes import grid_image
 
-    path = run_dir / "eval_samples.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     grid_image(images).save(path)
     tracker.log_artifact(path, "samples")
-    tracker.log_dict(captions, "samples/eval_prompts.json")
+    tracker.log_dict(captions, f"samples/{path.stem}_prompts.json")
 
 
 def format_metrics(metrics: Mapping[str, float]) -> list[tuple[str, str]]:

@@ -6,7 +6,7 @@ How the pieces fit:
   `mlartifacts/` (MLflow), `runs/<study>/<planned>/` (checkpoints), `study.json` (which storage, MLflow store
   and study), `specs/<study>.toml`. Nothing inside stores a path that breaks after `cp -r`: database URLs are rebuilt
   from the directory at every start, and MLflow's stored artifact locations are re-pointed when the
-  directory has moved (studies/tracking.py `open_tracking`).
+  directory has moved (studies/tracking.py `open_tracking`). studies/workdir.py owns the layout and study.json.
 - **Planned trials.** Every trial the design needs is created up front as a WAITING Optuna trial, and
   workers only ever *claim* WAITING trials (an atomic RUNNING transition in the storage). So a study
   ends with exactly its planned trials - no worker can race `ask()` into an extra one. Grid designs use
@@ -32,6 +32,7 @@ How the pieces fit:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -49,9 +50,10 @@ import optuna
 from optuna.trial import TrialState
 
 from diffablate.studies.spec import StudySpec, parse_spec
+from diffablate.studies.workdir import (DEFAULT_ROOT, STUDY_FILE, default_tracking_uri, default_workdir,  # noqa: F401
+                                        read_study_file, read_study_file_or_empty, record_study, resolve_workdir,
+                                        spec_file, storage_url)  # re-exported: callers know them as runner.*
 
-STUDY_FILE = "study.json"
-DEFAULT_ROOT = Path("studies-out")
 _RETRY_MARK = "retry_history"
 TRACKING_ATTR = "mlflow_tracking_uri"  # Optuna study user attr: the explicit --tracking-uri (absent = work dir store)
 
@@ -61,37 +63,8 @@ class StudyError(RuntimeError):
 
 
 # --- work directory and storage -----------------------------------------------------------------------
-
-
-def default_workdir(name: str) -> Path:
-    return DEFAULT_ROOT / name
-
-
-def resolve_workdir(name_or_dir: str | Path) -> Path:
-    """A work directory, or a study name under studies-out/."""
-    p = Path(name_or_dir)
-    if (p / STUDY_FILE).exists():
-        return p
-    if (default_workdir(str(name_or_dir)) / STUDY_FILE).exists():
-        return default_workdir(str(name_or_dir))
-    raise StudyError(f"{name_or_dir}: no study here (no {p / STUDY_FILE} and no {default_workdir(str(name_or_dir)) / STUDY_FILE})")
-
-
-def read_study_file(workdir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((workdir / STUDY_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise StudyError(f"{workdir / STUDY_FILE}: cannot read ({e})") from None
-
-
-def storage_url(workdir: Path, storage: str | None) -> str:
-    """The Optuna storage URL; None = `<workdir>/optuna.db`. `journal:` paths may be relative to the work dir."""
-    if not storage:
-        return f"sqlite:///{(workdir / 'optuna.db').resolve()}"
-    if storage.startswith("journal:"):
-        path = Path(storage[len("journal:"):])
-        return "journal:" + str(path if path.is_absolute() else (workdir / path).resolve())
-    return storage
+# The layout and study.json belong to studies/workdir.py (default_workdir, resolve_workdir, read_study_file,
+# storage_url are imported above and keep their names here).
 
 
 def resolve_tracking_uri(uri: str | None) -> str | None:
@@ -203,59 +176,15 @@ def _sqlite_begin_immediate(engine: Any) -> None:
     engine.dispose()  # drop connections opened (schema check) before the hooks existed
 
 
-# --- samplers -----------------------------------------------------------------------------------------
-
-
-class PlannedGridSampler(optuna.samplers.GridSampler):
-    """GridSampler whose trials are all created up front (see the module docstring).
-
-    `after_trial` is a no-op: GridSampler would call `study.stop()` once the grid is exhausted, which
-    raises outside `study.optimize`; here the end of the study is simply "no WAITING trial left".
-    """
-
-    def after_trial(self, study: optuna.Study, trial: Any, state: TrialState, values: Any) -> None:
-        pass
-
-    @property
-    def n_grids(self) -> int:
-        return len(self._all_grids)
-
-
-def _grid_value(v: Any) -> Any:
-    # Optuna persists grid values as JSON scalars; list-valued factors (block_channels) go in as JSON text.
-    return json.dumps(v) if isinstance(v, (list, dict)) else v
-
-
-def grid_space(spec: StudySpec) -> dict[str, list[Any]]:
-    """The GridSampler search space: factorial = factors x seed; one-at-a-time = cell index x seed."""
-    if spec.kind == "factorial":
-        space = {k: [_grid_value(v) for v in vals] for k, vals in spec.factors.items()}
-    else:
-        space = {"cell": list(range(len(spec.cells)))}
-    return {**space, "seed": list(spec.seeds)}
+# --- Optuna sampler and pruner: the design's (studies/designs.py) ----------------------------------------
 
 
 def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSampler:
-    if spec.kind in ("factorial", "one-at-a-time"):
-        return PlannedGridSampler(grid_space(spec), seed=0)  # same seed everywhere: grid ids must agree
-    cls = getattr(optuna.samplers, spec.sampler)
-    args = dict(spec.sampler_args)
-    if "seed" in _init_params(cls):
-        # Each worker gets its own stream, else parallel workers propose identical points.
-        args["seed"] = args.get("seed", spec.seeds[0]) + 1000 * worker
-    return cls(**args)
+    return spec.design.make_sampler(spec, worker)
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    if spec.kind != "search":
-        return optuna.pruners.NopPruner()
-    return getattr(optuna.pruners, spec.pruner)(**spec.pruner_args)
-
-
-def _init_params(cls: type) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(cls.__init__).parameters)
+    return spec.design.make_pruner(spec)
 
 
 # --- study creation / resume --------------------------------------------------------------------------
@@ -284,8 +213,7 @@ def prepare_study(spec: StudySpec, workdir: Path | None = None, storage: str | N
     workdir = Path(workdir) if workdir is not None else default_workdir(spec.name)
     workdir.mkdir(parents=True, exist_ok=True)
     url = storage_url(workdir, storage)
-    study_file = workdir / STUDY_FILE
-    info = read_study_file(workdir) if study_file.exists() else {"studies": {}}
+    info = read_study_file_or_empty(workdir)
     st = make_storage(url, spec)
     names = {s.study_name for s in optuna.get_all_study_summaries(st, include_best_trial=False)}
     if spec.name in names:
@@ -311,12 +239,10 @@ def prepare_study(spec: StudySpec, workdir: Path | None = None, storage: str | N
             explicit = _same_tracking(spec.name, study.user_attrs.get(TRACKING_ATTR), requested, workdir, info)
     # Record where this study lives; the storage URL and the MLflow store only when they are not the work dir's
     # own defaults, so the directory stays relocatable.
-    info["studies"][spec.name] = {"storage": storage if storage else None, "spec_hash": spec.spec_hash,
-                                  "tracking_uri": explicit}
-    info["default"] = info.get("default", spec.name)
-    (workdir / "specs").mkdir(exist_ok=True)
-    (workdir / "specs" / f"{spec.name}.toml").write_text(spec.source or "")
-    study_file.write_text(json.dumps(info, indent=2))
+    spec_path = spec_file(workdir, spec.name)
+    spec_path.parent.mkdir(exist_ok=True)
+    spec_path.write_text(spec.source or "")
+    record_study(workdir, spec.name, storage=storage, spec_hash=spec.spec_hash, tracking_uri=explicit)
     uri = explicit or default_tracking_uri(workdir)
     exp_id, parent = ensure_parent_run(spec, workdir, uri=uri)
     return StudyHandle(spec, workdir, url, spec.name, parent, exp_id, uri)
@@ -348,24 +274,8 @@ def rename_spec(spec: StudySpec, name: str) -> StudySpec:
 
 
 def _plan_trials(study: optuna.Study, spec: StudySpec) -> None:
-    """Create every planned trial as WAITING (see the module docstring)."""
-    trials = []
-    if spec.kind in ("factorial", "one-at-a-time"):
-        sampler = make_sampler(spec)
-        assert isinstance(sampler, PlannedGridSampler)
-        space = sampler._search_space  # the sorted space GridSampler compares retried trials against
-        for grid_id in range(sampler.n_grids):
-            trials.append(optuna.create_trial(state=TrialState.WAITING, user_attrs={"planned": grid_id},
-                                              system_attrs={"grid_id": grid_id, "search_space": space}))
-    else:
-        i = 0
-        for cell in spec.cells:
-            for j in range(spec.n_trials):
-                fixed = {"cell": cell.index, "seed": spec.seeds[j % len(spec.seeds)]}
-                trials.append(optuna.create_trial(state=TrialState.WAITING, user_attrs={"planned": i},
-                                                  system_attrs={"fixed_params": fixed}))
-                i += 1
-    study.add_trials(trials)
+    """Create every planned trial as WAITING (see the module docstring); the design says which."""
+    study.add_trials(spec.design.plan(spec))
 
 
 def load_handle(workdir: Path, name: str | None = None, tracking_uri: str | None = None) -> StudyHandle:
@@ -375,7 +285,7 @@ def load_handle(workdir: Path, name: str | None = None, tracking_uri: str | None
     name = name or info.get("default")
     if name not in info["studies"]:
         raise StudyError(f"{workdir}: no study {name!r}; studies here: {sorted(info['studies'])}")
-    spec_path = workdir / "specs" / f"{name}.toml"
+    spec_path = spec_file(workdir, name)
     spec = parse_spec(spec_path.read_text(), where=str(spec_path))
     if spec.name != name:
         spec = rename_spec(spec, name)
@@ -386,13 +296,6 @@ def load_handle(workdir: Path, name: str | None = None, tracking_uri: str | None
 
 
 # --- MLflow parent run --------------------------------------------------------------------------------
-
-
-def default_tracking_uri(workdir: Path) -> str:
-    """The work dir's own MLflow store, `sqlite:///<workdir>/mlflow.db`."""
-    from diffablate.studies import tracking
-
-    return tracking.default_tracking_uri(workdir)
 
 
 def _tracking_of(workdir: Path, info: dict[str, Any], name: str | None) -> str:
@@ -408,20 +311,17 @@ def _tracking_of(workdir: Path, info: dict[str, Any], name: str | None) -> str:
 def tracking_uri(workdir: Path, study: str | None = None) -> str:
     """The MLflow store of a work dir's study: its recorded `--tracking-uri`, else `<workdir>/mlflow.db`.
     `study` None: the store all the work dir's studies share (StudyError if they use several)."""
-    info = read_study_file(workdir) if (Path(workdir) / STUDY_FILE).exists() else {}
-    return _tracking_of(Path(workdir), info, study)
+    return _tracking_of(Path(workdir), read_study_file_or_empty(workdir), study)
 
 
-def open_tracking(workdir: Path, uri: str | None = None) -> Any:
-    """MlflowClient on `uri` (None: `tracking_uri(workdir)`); studies/tracking.py re-points a SQLite store's
-    artifact paths if its directory moved."""
-    from mlflow.tracking import MlflowClient
-
+def study_client(workdir: Path, uri: str | None = None) -> Any:
+    """MlflowClient on a work dir's study store `uri` (None: `tracking_uri(workdir)`), opened through
+    `tracking.open_tracking` (created under the schema lock; artifact paths re-pointed if the directory moved)."""
     from diffablate.studies import tracking
 
     uri = tracking.open_tracking(uri or tracking_uri(workdir), workdir, check=False)
     _sqlite_wal(uri)
-    return MlflowClient(tracking_uri=uri)
+    return tracking.client(uri)
 
 
 def artifact_root(workdir: Path, uri: str | None = None) -> str:
@@ -443,7 +343,7 @@ def ensure_parent_run(spec: StudySpec, workdir: Path, *, create: bool = True,
     from diffablate.studies import tracking
 
     uri = uri or tracking_uri(workdir, spec.name)
-    client = open_tracking(workdir, uri)
+    client = study_client(workdir, uri)
     if not create and client.get_experiment_by_name(spec.name) is None:
         raise StudyError(f"{workdir}: no MLflow experiment {spec.name!r} in {redact(uri)}")
     exp_id = tracking.get_or_create_experiment(uri, spec.name, workdir=workdir, tags={"diffablate.study": spec.name})
@@ -459,7 +359,10 @@ def ensure_parent_run(spec: StudySpec, workdir: Path, *, create: bool = True,
     }, workdir=workdir)
     client.log_text(run_id, spec.source or json.dumps(spec.raw, indent=2), "study_spec.toml")
     client.log_dict(run_id, spec.claims_json(), "claims.json")
+    client.log_dict(run_id, spec.panel_json(), "panel.json")
     client.log_param(run_id, "n_planned", spec.n_planned)
+    if spec.budgets:
+        client.log_param(run_id, "budgets", json.dumps(list(spec.budgets)))
     return exp_id, run_id
 
 
@@ -468,7 +371,7 @@ def finish_parent_if_done(handle: StudyHandle) -> bool:
     counts = trial_counts(handle)
     if counts["waiting"] or counts["running"]:
         return False
-    client = open_tracking(handle.workdir, handle.tracking_uri)
+    client = study_client(handle.workdir, handle.tracking_uri)
     for k in ("complete", "pruned", "fail", "retried"):
         client.log_metric(handle.parent_run_id, f"n_{k}", counts[k])
     client.set_terminated(handle.parent_run_id, "FINISHED")
@@ -491,11 +394,44 @@ class WorkerArgs:
     threads: int = 0
     poll_s: float = 2.0
     tracking_uri: str | None = None  # MLflow store (None: as recorded for the study in the work dir)
+    pack: str = "auto"  # trials trained together per worker: "auto" | "off" | an integer (see `pack_size`)
+
+
+# `--pack auto` on a GPU: at most this many compatible trials in one pack. The claims UNet at batch 256 uses a
+# few GiB per member (weights, EMA, AdamW state, graph pool), so memory is no limit on an H200; the bench
+# (`diffablate bench --pack-variants`, studies/BENCHMARKS.md) measured where aggregate throughput levels off.
+PACK_AUTO_MAX = 12
+
+
+def pack_size(pack: str, device_type: str, has_trial_fn: bool) -> int:
+    """How many trials a worker trains together. "off" = 1 (today's one-trial-at-a-time path); "auto" = up to
+    PACK_AUTO_MAX on a GPU, 1 on the CPU (its two cores gain nothing from interleaving); N = up to N.
+    A `--trial-fn` replaces training itself, so it always runs trial by trial."""
+    if has_trial_fn or pack == "off":
+        return 1
+    if pack == "auto":
+        return PACK_AUTO_MAX if device_type == "cuda" else 1
+    n = int(pack)
+    if n < 1:
+        raise StudyError(f"--pack: must be 'auto', 'off' or an integer >= 1, got {pack!r}")
+    return n
+
+
+def check_pack(pack: str) -> str:
+    """`--pack` as given, or StudyError naming the option (checked before anything is created)."""
+    if pack in ("auto", "off"):
+        return pack
+    try:
+        if int(pack) >= 1:
+            return pack
+    except ValueError:
+        pass
+    raise StudyError(f"--pack: must be 'auto', 'off' or an integer >= 1, got {pack!r}")
 
 
 def run_study(spec: StudySpec, *, workdir: Path | None = None, storage: str | None = None, new_name: str | None = None,
               workers: int | None = None, workers_per_gpu: int = 1, trial_fn: str | None = None,
-              tracking_uri: str | None = None, log: Callable[[str], None] = print) -> StudyHandle:
+              tracking_uri: str | None = None, log: Callable[[str], None] = print, pack: str = "auto") -> StudyHandle:
     """Prepare (or resume) the study and run its trials with `workers` local processes; returns when none is left.
     `tracking_uri`: the MLflow store of the parent and every child run (None: as recorded, else the work dir's)."""
     quiet_optuna()
@@ -504,7 +440,7 @@ def run_study(spec: StudySpec, *, workdir: Path | None = None, storage: str | No
     log(f"study {handle.study_name}: {handle.spec.n_planned} planned trials, {len(plan)} worker(s); "
         f"work dir {handle.workdir}; storage {redact(handle.storage)}; MLflow {redact(handle.tracking_uri)}")
     args = [WorkerArgs(handle.spec.source, "spec", handle.study_name, str(handle.workdir), storage, i, trial_fn,
-                       tuple(env.items()), threads, tracking_uri=handle.tracking_uri)
+                       tuple(env.items()), threads, tracking_uri=handle.tracking_uri, pack=check_pack(pack))
             for i, (env, threads) in enumerate(plan)]
     if len(args) == 1:
         worker_main(args[0])
@@ -579,6 +515,10 @@ def _visible_gpus() -> list[str]:
 
 def worker_main(args: WorkerArgs) -> None:
     """One worker: claim WAITING trials of the study and run them until none is left anywhere."""
+    if multiprocessing.parent_process() is not None:  # a spawned worker: SIGTERM ends its trial like Ctrl-C
+        from diffablate.studies.interrupts import install_for_worker
+
+        install_for_worker()
     os.environ.update(dict(args.env))  # before torch is imported: CUDA_VISIBLE_DEVICES / thread counts
     quiet_optuna()
     if args.threads:
@@ -597,24 +537,71 @@ def worker_main(args: WorkerArgs) -> None:
     study = optuna.load_study(study_name=args.study_name, storage=storage, sampler=make_sampler(spec, args.index),
                               pruner=make_pruner(spec))
     heartbeat = isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval() is not None
+    size = pack_size(args.pack, _device_type(spec), args.trial_fn is not None) if spec.design.packable else 1
     while True:
         if heartbeat:
             optuna.storages.fail_stale_trials(study)  # retry trials of dead workers (anyone's)
-        trial_id = claim_waiting_trial(study)
-        if trial_id is None:
+        trial_ids = claim_pack(study, spec, size)
+        if not trial_ids:
             # Nothing to claim. While others still run, stay: if one of them dies, its retry lands here.
             if heartbeat and study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 time.sleep(args.poll_s)
                 continue
             return
-        with _Heartbeat(storage, trial_id, heartbeat):
-            trial = optuna.trial.Trial(study, trial_id)
+        with contextlib.ExitStack() as beats:
+            for trial_id in trial_ids:
+                beats.enter_context(_Heartbeat(storage, trial_id, heartbeat))
+            trials = [optuna.trial.Trial(study, trial_id) for trial_id in trial_ids]
             try:
-                trial_mod.run_trial(ctx, study, trial)
+                if len(trials) == 1:
+                    trial_mod.run_trial(ctx, study, trials[0])
+                else:
+                    trial_mod.run_pack(ctx, study, trials)
             except Exception:  # a bug in one trial must not take the study down; it is recorded as FAIL
                 traceback.print_exc(file=sys.stderr)
-                if storage.get_trial(trial_id).state == TrialState.RUNNING:  # failed before it could tell
+            for trial in trials:
+                if storage.get_trial(trial._trial_id).state == TrialState.RUNNING:  # failed before it could tell
                     study.tell(trial, state=TrialState.FAIL)
+
+
+def _device_type(spec: StudySpec) -> str:
+    """Where this worker's trials train ("cuda" / "cpu"): the base config's device as resolved here."""
+    from diffablate.models.device import resolve_device
+
+    return resolve_device(spec.base.device).type
+
+
+def claim_pack(study: optuna.Study, spec: StudySpec, size: int) -> list[int]:
+    """Claim up to `size` WAITING trials that may train together (`models.pack.pack_key`): the first one
+    claimable, then others of the same key. Each claim is the same atomic WAITING -> RUNNING transition as
+    `claim_waiting_trial`, so two workers never share a trial."""
+    first = claim_waiting_trial(study)
+    if first is None or size <= 1:
+        return [] if first is None else [first]
+    from diffablate.models.pack import pack_key
+
+    def key(t: Any) -> str | None:
+        try:
+            cell, seed = spec.design.resolve(spec, t.system_attrs, t.params)
+            return pack_key(spec.cell_config(cell, seed))
+        except (KeyError, IndexError, ValueError):  # a trial this design cannot place: never packed
+            return None
+
+    want = key(study._storage.get_trial(first))
+    claimed = [first]
+    if want is None:
+        return claimed
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if len(claimed) >= size:
+            break
+        if key(t) != want:
+            continue
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                claimed.append(t._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return claimed
 
 
 def claim_waiting_trial(study: optuna.Study) -> int | None:

@@ -24,18 +24,34 @@ Layout (see studies/smoke.toml, claims.toml, search.toml)::
     [[claims]]                  # -> claims.json on the study's parent run
     ...
 
-Designs: `factorial` crosses all factors; `one-at-a-time` takes `[design.baseline]` and changes one
-factor of `[design.variants]` at a time (a claim's arms are completed with the baseline's values, so each
-names exactly one cell); `search` lets an Optuna sampler (`sampler`, any class of
-`optuna.samplers`) propose `[design.space]` values for `n_trials` trials per cell of the optional
-crossed categorical `[design.axes]`, pruned by `pruner` on the trainer's intermediate `prune_metric`.
+Designs (studies/designs.py, one class each): `factorial` crosses all factors; `one-at-a-time` takes
+`[design.baseline]` and changes one factor of `[design.variants]` at a time (a claim's arms are completed
+with the baseline's values, so each names exactly one cell); `search` lets an Optuna sampler (`sampler`,
+any class of `optuna.samplers`) propose `[design.space]` values for `n_trials` trials per cell of the
+optional crossed categorical `[design.axes]`, pruned by `pruner` on the trainer's intermediate
+`prune_metric`; `learning-curve` trains `[design.baseline]` per seed and scores it at each of `budgets`.
+
+Claims on a sampling score (fid, kid, clip_score, oracle_acc, class_acc) are judged under each entry of
+the sampling panel (`eval.panel_samplers` x `eval.panel_guidance`), or under the entries a claim lists in
+`panel = [...]`. `expect = "variant_no_worse"` is a non-inferiority claim with a stated `margin`.
+`[[controls]]` prove the instrument in the same study::
+
+    [[controls]]                 # the baseline against a replicate of itself: must show no difference
+    name = "null"
+    kind = "null"                # adds a replicate cell (RunConfig.replicate = 1) of design.baseline
+    metric = "oracle_acc"
+    [[controls]]                 # a known answer: must come out supported
+    name = "text-matters"
+    kind = "positive"
+    statement = "Captions reach the UNet: without conditioning the oracle fails."
+    metric = "oracle_acc"
+    baseline = { conditioning = "cross-attention" }
+    variant = { conditioning = "none" }
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
-import itertools
 import json
 import math
 import tomllib
@@ -43,74 +59,56 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from diffablate.models.config import ConfigError, RunConfig, section_fields
-
-
-class SpecError(ValueError):
-    """A study spec is invalid; the message starts with the field (`design.axes.conditioning[0]`) or file."""
-
-
-DESIGN_KINDS = ("factorial", "one-at-a-time", "search")
-DIRECTIONS = ("minimize", "maximize")
-# Final per-trial metrics (the contract's names) a spec may optimise or make claims about.
-FINAL_METRICS = (
-    "fid", "kid", "clip_score", "oracle_acc", "final_train_loss", "final_heldout_loss", "train_wall_s",
-    "img_per_s_mean",
+from diffablate.metrics.names import entry_name, panel_metric
+from diffablate.models.config import ConfigError, RunConfig
+from diffablate.studies.designs import (
+    DESIGNS, Cell, Design, ParamSpec, SpecError, build_cells, cell_label, check, flatten, full_key, known, table,
 )
+
+__all__ = ["Cell", "Claim", "ParamSpec", "Runtime", "SpecError", "StudySpec", "cell_label", "load_spec",
+           "parse_spec", "spec_from_dict"]
+
+DIRECTIONS = ("minimize", "maximize")
+# Scores computed once per sampling-panel entry (logged `<score>/<entry>`, metrics/names.py). A claim on one
+# is judged under each entry it names (default: all); an objective on one uses the primary entry.
+PANEL_SCORES = ("fid", "kid", "clip_score", "oracle_acc", "class_acc")
+# Final per-trial metrics (the contract's names) a spec may optimise or make claims about.
+FINAL_METRICS = PANEL_SCORES + ("final_train_loss", "final_heldout_loss", "train_wall_s", "img_per_s_mean")
 # Metrics whose natural direction is "higher is better"; everything else in FINAL_METRICS is lower-better.
-HIGHER_IS_BETTER = frozenset({"clip_score", "oracle_acc", "img_per_s_mean"})
-PARAM_TYPES = ("float", "int", "categorical")
-_TOP_KEYS = ("name", "description", "seeds", "base", "eval", "design", "claims", "runtime")
-_DESIGN_KEYS = {
-    "factorial": ("kind", "objective", "direction", "axes"),
-    "one-at-a-time": ("kind", "objective", "direction", "baseline", "variants"),
-    "search": ("kind", "objective", "direction", "axes", "sampler", "sampler_args", "n_trials", "space", "pruner",
-               "pruner_args", "prune_metric"),
-}
-_CLAIM_KEYS = ("name", "statement", "metric", "baseline", "variant", "better", "expect")
+HIGHER_IS_BETTER = frozenset({"clip_score", "oracle_acc", "class_acc", "img_per_s_mean"})
+EXPECTS = ("baseline_better", "variant_better", "variant_no_worse")
+_TOP_KEYS = ("name", "description", "seeds", "base", "eval", "design", "claims", "controls", "runtime")
+_CLAIM_KEYS = ("name", "statement", "metric", "baseline", "variant", "better", "expect", "margin", "panel")
+_CONTROL_KEYS = ("name", "kind", "statement", "metric", "panel", "arm", "replicate", "baseline", "variant", "better",
+                 "expect")
 _RUNTIME_KEYS = ("heartbeat_interval", "grace_period", "max_retry")
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One setting of the factors: `overrides` maps full dotted RunConfig keys to values."""
-
-    index: int
-    overrides: dict[str, Any]
-    cfg: RunConfig = field(compare=False, repr=False)
-
-    @property
-    def label(self) -> str:
-        """Stable "axis=value,axis=value" string sorted by axis (the MLflow tag diffablate.cell)."""
-        return cell_label(self.overrides)
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One searched parameter: `type` float|int with `low`/`high` (`log`, `step`) or categorical `choices`."""
-
-    key: str
-    type: str
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: tuple[Any, ...] = ()
+ROLES = ("claim", "null-control", "positive-control")
 
 
 @dataclass(frozen=True)
 class Claim:
+    """A claim (or a control) compares two arms on one metric; `role` says which it is.
+
+    Controls prove the instrument in the same study (issue 14): a *null control* compares the baseline with
+    a replicate of itself (other random streams, same seeds) and must show no difference; a *positive
+    control* has a known answer and must come out supported. The report checks them before any verdict.
+    """
+
     name: str
     statement: str
     metric: str
     baseline: dict[str, Any]
     variant: dict[str, Any]
     better: str
-    expect: str
+    expect: str  # baseline_better | variant_better | variant_no_worse | no_difference (null controls)
+    margin: float | None = None  # non-inferiority margin (expect = variant_no_worse), in the metric's units
+    panel: tuple[str, ...] | None = None  # entries it is judged on (None: every entry of the study's panel)
+    role: str = "claim"
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "statement": self.statement, "metric": self.metric, "baseline": self.baseline,
-                "variant": self.variant, "better": self.better, "expect": self.expect}
+                "variant": self.variant, "better": self.better, "expect": self.expect, "margin": self.margin,
+                "panel": list(self.panel) if self.panel is not None else None, "role": self.role}
 
 
 @dataclass(frozen=True)
@@ -124,20 +122,22 @@ class Runtime:
 
 @dataclass(frozen=True)
 class StudySpec:
-    """A validated study spec: the cells (factor settings), seeds and how Optuna walks them."""
+    """A validated study spec: the cells (factor settings), seeds and how Optuna walks them (`design`)."""
 
     name: str
     description: str
     seeds: tuple[int, ...]
-    kind: str
+    design: Design
     objective: str
     direction: str
     base: RunConfig
     factors: dict[str, list[Any]]  # full dotted key -> values (factorial, search's crossed axis, variants)
     cells: tuple[Cell, ...]
-    claims: tuple[Claim, ...]
+    claims: tuple[Claim, ...]  # claims and controls (Claim.role)
     runtime: Runtime
     raw: dict[str, Any] = field(repr=False)
+    baseline: dict[str, Any] = field(default_factory=dict)  # one-at-a-time / learning-curve reference cell
+    budgets: tuple[int, ...] = ()  # learning-curve: training steps at which every trial is scored
     # search only
     sampler: str = "GridSampler"
     sampler_args: dict[str, Any] = field(default_factory=dict)
@@ -149,6 +149,10 @@ class StudySpec:
     source: str = ""  # the TOML text as given (logged as the parent run's study_spec.toml)
 
     @property
+    def kind(self) -> str:
+        return self.design.kind
+
+    @property
     def spec_hash(self) -> str:
         """sha256 (16 hex) of the canonical parsed spec: comments and formatting do not change it."""
         canon = json.dumps(self.raw, sort_keys=True, default=str)
@@ -156,23 +160,33 @@ class StudySpec:
 
     @property
     def n_planned(self) -> int:
-        per_cell = self.n_trials if self.kind == "search" else len(self.seeds)
-        return len(self.cells) * per_cell
+        return len(self.cells) * self.design.n_per_cell(self)
 
     def cell_config(self, cell: Cell, seed: int, params: Mapping[str, Any] | None = None) -> RunConfig:
         """The RunConfig of one trial: base + cell overrides + searched params + seed."""
         return cell.cfg.with_overrides({**(params or {}), "seed": seed})
 
+    def objective_metric(self, cfg: RunConfig) -> str:
+        """The logged metric the Optuna objective reads for a trial of `cfg` (a panel score: the primary entry)."""
+        return objective_metric(self.objective, cfg)
+
     def claims_json(self) -> list[dict[str, Any]]:
         return [c.to_json() for c in self.claims]
 
+    def panel_json(self) -> dict[str, Any]:
+        """The study's sampling panel (parent-run artifact panel.json): entries, primary entry, sampler flags."""
+        from diffablate.models.diffusion import sampler_flags
 
-def cell_label(overrides: Mapping[str, Any]) -> str:
-    return ",".join(f"{k}={_fmt(v)}" for k, v in sorted(overrides.items())) or "base"
+        ev = self.base.eval
+        return {"entries": [entry_name(s, g) for s, g in ev.panel()], "primary": entry_name(ev.sampler, ev.guidance_scale),
+                "steps": ev.sampling_steps, "n_samples": ev.n_samples, "flags": sampler_flags(self.base)}
 
 
-def _fmt(v: Any) -> str:
-    return json.dumps(v) if isinstance(v, (list, dict)) else str(v).lower() if isinstance(v, bool) else str(v)
+def objective_metric(score: str, cfg: RunConfig) -> str:
+    """`fid` -> `fid/<primary entry>` for panel scores; other metric names unchanged."""
+    if score in PANEL_SCORES:
+        return panel_metric(score, entry_name(cfg.eval.sampler, cfg.eval.guidance_scale))
+    return score
 
 
 # --- parsing ----------------------------------------------------------------------------------------
@@ -208,26 +222,26 @@ def spec_from_dict(raw: Mapping[str, Any]) -> StudySpec:
 
 
 def _spec_from_dict(raw: Mapping[str, Any]) -> StudySpec:
-    _table(raw, "spec")
-    _known(raw, _TOP_KEYS, "")
+    table(raw, "spec")
+    known(raw, _TOP_KEYS, "")
     name = raw.get("name")
     if not isinstance(name, str) or not name.strip() or any(c in name for c in "/\\\0") or name.startswith("."):
         raise SpecError(f"name: must be a non-empty string without '/' (it names the study and its directory), got {name!r}")
     description = raw.get("description", "")
-    _check(isinstance(description, str), "description", "must be a string", description)
+    check(isinstance(description, str), "description", "must be a string", description)
     seeds = raw.get("seeds")
     if (not isinstance(seeds, list) or not seeds
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
         raise SpecError(f"seeds: must be a non-empty list of integers >= 0, got {seeds!r}")
-    _check(len(set(seeds)) == len(seeds), "seeds", "must not repeat a seed", seeds)
+    check(len(set(seeds)) == len(seeds), "seeds", "must not repeat a seed", seeds)
 
     # Base config: [base] nested overrides, then [eval] on top.
-    base_d = dict(_table(raw.get("base", {}), "base"))
-    eval_d = _table(raw.get("eval", {}), "eval")
+    base_d = dict(table(raw.get("base", {}), "base"))
+    eval_d = table(raw.get("eval", {}), "eval")
     if eval_d:
-        _check(isinstance(base_d.get("eval", {}), Mapping), "base.eval", "must be a table", base_d.get("eval"))
+        check(isinstance(base_d.get("eval", {}), Mapping), "base.eval", "must be a table", base_d.get("eval"))
         base_d["eval"] = {**base_d.get("eval", {}), **eval_d}
-    _check("seed" not in base_d, "base.seed", "is set by `seeds`, not in [base]", base_d.get("seed"))
+    check("seed" not in base_d, "base.seed", "is set by `seeds`, not in [base]", base_d.get("seed"))
     try:
         base = RunConfig.from_dict(base_d)
     except ConfigError as e:
@@ -235,258 +249,76 @@ def _spec_from_dict(raw: Mapping[str, Any]) -> StudySpec:
         from_eval = msg.startswith("eval.") and msg[5:].split(":")[0].split("[")[0] in eval_d
         raise SpecError(msg if from_eval else f"base.{msg}") from None
 
-    design = _table(raw.get("design"), "design")
-    kind = design.get("kind")
-    _check(kind in DESIGN_KINDS, "design.kind", f"must be one of {list(DESIGN_KINDS)}", kind)
-    _known(design, _DESIGN_KEYS[kind], "design.")
-    objective = design.get("objective", "final_heldout_loss")
-    _check(objective in FINAL_METRICS, "design.objective", f"must be one of {list(FINAL_METRICS)}", objective)
-    direction = design.get("direction", "maximize" if objective in HIGHER_IS_BETTER else "minimize")
-    _check(direction in DIRECTIONS, "design.direction", f"must be one of {list(DIRECTIONS)}", direction)
+    design_d = table(raw.get("design"), "design")
+    kind = design_d.get("kind")
+    check(kind in DESIGNS, "design.kind", f"must be one of {list(DESIGNS)}", kind)
+    design = DESIGNS.get(kind)()
+    known(design_d, design.keys, "design.")
+    objective = design_d.get("objective", "final_heldout_loss")
+    check(objective in FINAL_METRICS, "design.objective", f"must be one of {list(FINAL_METRICS)}", objective)
+    direction = design_d.get("direction", "maximize" if objective in HIGHER_IS_BETTER else "minimize")
+    check(direction in DIRECTIONS, "design.direction", f"must be one of {list(DIRECTIONS)}", direction)
+    parsed = design.parse(design_d, base)
+    factors, cells = dict(parsed.factors), list(parsed.cells)
 
-    extra: dict[str, Any] = {}
-    if kind == "factorial":
-        factors = _factors(design.get("axes"), "design.axes", base, required=True)
-        cells = _cells(base, [dict(zip(factors, combo)) for combo in itertools.product(*factors.values())], "design.axes")
-    elif kind == "one-at-a-time":
-        baseline = _baseline(design.get("baseline", {}), base)
-        base_cell_cfg = _override(base, baseline, "design.baseline")
-        factors = _factors(design.get("variants"), "design.variants", base_cell_cfg, required=True)
-        settings = [dict(baseline)]
-        for key, values in factors.items():
-            for v in values:
-                if key in baseline and baseline[key] == v:
-                    continue  # the baseline itself is already cell 0
-                settings.append({**baseline, key: v})
-        cells = _cells(base, settings, "design.variants")
-        # The factors a claim may name: each varied key with its baseline value first.
-        factors = {k: ([baseline[k]] if k in baseline else []) + [v for v in vals if k not in baseline or v != baseline[k]]
-                   for k, vals in factors.items()}
-    else:
-        factors = _factors(design.get("axes", {}), "design.axes", base, required=False)
-        cells = _cells(base, [dict(zip(factors, combo)) for combo in itertools.product(*factors.values())], "design.axes")
-        extra = _search(design, base, cells, factors)
-
-    claims = tuple(_claim(c, i, factors, objective) for i, c in enumerate(_list_of_tables(raw.get("claims", []), "claims")))
-    if kind == "one-at-a-time":
-        # A one-at-a-time claim compares two cells: an arm names the factor it is about and every other
-        # factor stays at the design's baseline, so `baseline = { timestep_sampler = "uniform" }` is the
-        # baseline cell, not every cell that happens to sample uniformly (the time-embedding-off cell too).
-        claims = tuple(replace(c, baseline={**baseline, **c.baseline}, variant={**baseline, **c.variant}) for c in claims)
-    for i, c in enumerate(claims):
+    claims = [_claim(c, i, factors, objective, cells) for i, c in enumerate(_list_of_tables(raw.get("claims", []), "claims"))]
+    check(not claims or design.makes_claims, "claims",
+          f"a {kind} study makes no claims (its report picks the training budget)", [c.name for c in claims])
+    controls = [_control(c, i, design, parsed.baseline, factors, cells, base, objective)
+                for i, c in enumerate(_list_of_tables(raw.get("controls", []), "controls"))]
+    claims = [replace(c, baseline=design.complete_arm(c.baseline, parsed.baseline),
+                      variant=design.complete_arm(c.variant, parsed.baseline)) for c in claims]
+    everything = claims + controls
+    for i, c in enumerate(everything):
+        where = f"claims[{i}]" if i < len(claims) else f"controls[{i - len(claims)}]"
+        selected = {}
         for side in ("baseline", "variant"):
             arm = getattr(c, side)
-            n = sum(all(cell.overrides.get(k) == v for k, v in arm.items()) for cell in cells)
-            _check(n >= 1, f"claims[{i}].{side}", "matches no cell of the design (a one-at-a-time design changes one "
-                   "factor at a time from design.baseline)" if kind == "one-at-a-time" else "matches no cell of the design", arm)
-    # A metric the eval config switches off would fail every trial at its very end: refuse it now.
-    for path, metric in [("design.objective", objective)] + [(f"claims[{i}].metric", c.metric) for i, c in enumerate(claims)]:
+            selected[side] = [cell.index for cell in cells if _arm_matches(arm, cell)]
+            check(bool(selected[side]), f"{where}.{side}", "matches no cell of the design" + design.arm_hint, arm)
+        check(selected["baseline"] != selected["variant"], f"{where}.variant",
+              f"selects the same cells as the baseline arm ({[cells[j].label for j in selected['variant']]}), "
+              "so the claim compares an arm with itself", c.variant)
+        # A metric the eval config switches off would fail every trial at its very end: refuse it now.
         for cell in cells:
-            if not _metric_enabled(metric, cell.cfg):
-                raise SpecError(f"{path}: {metric!r} is not computed with this eval config ({_METRIC_NEEDS[metric][1]})")
-    _check(len({c.name for c in claims}) == len(claims), "claims", "names must be unique", [c.name for c in claims])
+            if not _metric_enabled(c.metric, cell.cfg):
+                raise SpecError(f"{where}.metric: {c.metric!r} is not computed with this eval config "
+                                f"({_METRIC_NEEDS[c.metric][1]})")
+    for cell in cells:
+        if not _metric_enabled(objective, cell.cfg):
+            raise SpecError(f"design.objective: {objective!r} is not computed with this eval config "
+                            f"({_METRIC_NEEDS[objective][1]})")
+    names = [c.name for c in everything]
+    check(len(set(names)) == len(names), "claims", "names must be unique (claims and controls together)", names)
     runtime = _runtime(raw.get("runtime", {}))
-    return StudySpec(name=name, description=description, seeds=tuple(seeds), kind=kind, objective=objective,
-                     direction=direction, base=base, factors=factors, cells=tuple(cells), claims=claims,
-                     runtime=runtime, raw=_jsonable(raw), **extra)
+    return StudySpec(name=name, description=description, seeds=tuple(seeds), design=design, objective=objective,
+                     direction=direction, base=base, factors=factors, cells=tuple(cells), claims=tuple(everything),
+                     runtime=runtime, raw=_jsonable(raw), baseline=parsed.baseline, **parsed.extra)
 
 
 # --- pieces -----------------------------------------------------------------------------------------
 
 
-def _check(cond: bool, path: str, msg: str, value: Any) -> None:
-    if not cond:
-        raise SpecError(f"{path}: {msg}, got {value!r}")
-
-
-def _table(v: Any, path: str) -> Mapping[str, Any]:
-    if not isinstance(v, Mapping):
-        raise SpecError(f"{path}: must be a table, got {v!r}" if v is not None else f"{path}: missing table [{path}]")
-    return v
-
-
 def _list_of_tables(v: Any, path: str) -> list[Mapping[str, Any]]:
-    _check(isinstance(v, list), path, "must be an array of tables ([[claims]])", v)
+    check(isinstance(v, list), path, f"must be an array of tables ([[{path}]])", v)
     for i, item in enumerate(v):
-        _table(item, f"{path}[{i}]")
+        table(item, f"{path}[{i}]")
     return v
 
 
-def _known(d: Mapping[str, Any], known: tuple[str, ...], prefix: str) -> None:
-    unknown = sorted(set(d) - set(known))
-    if unknown:
-        raise SpecError(f"{prefix}{unknown[0]}: unknown key; known keys: {list(known)}")
+def same_value(a: Any, b: Any) -> bool:
+    """Equality that keeps TOML's types apart where Python does not: `true` is not the integer 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """TOML dotted keys (`train.lr = [...]`) arrive as nested tables; flatten them back to `train.lr`."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping) and not _is_param_table(v):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _is_param_table(v: Mapping[str, Any]) -> bool:
-    return "type" in v  # a [design.space] parameter definition, not a section of dotted keys
-
-
-_AXIS_FIELDS = set(section_fields()["axes"])
-
-
-def _full_key(key: str, path: str) -> str:
-    """`timestep_sampler` -> `axes.timestep_sampler`; dotted keys must exist in RunConfig."""
-    full = f"axes.{key}" if key in _AXIS_FIELDS else key
-    sections = section_fields()
-    section, _, leaf = full.partition(".")
-    ok = (section in sections and leaf in sections[section]) or (not leaf and section in sections and not sections[section])
-    if not ok:
-        raise SpecError(f"{path}: unknown factor {key!r}; use an axes field {sorted(_AXIS_FIELDS)} "
-                        f"or a dotted RunConfig key such as 'train.lr'")
-    _check(full != "seed", path, "the seed is varied by `seeds`, not as a factor", key)
-    return full
-
-
-def _registry_for(full_key: str) -> Any | None:
-    """The registry that names the values of an axis, so typos get the registry's 'choose one of' message."""
-    from diffablate.models import axes, data, text
-
-    return {
-        "axes.timestep_sampler": axes.TIMESTEP_SAMPLERS, "axes.time_embedding": axes.TIME_EMBEDDINGS,
-        "axes.conditioning": axes.CONDITIONINGS, "axes.loss_weighting": axes.LOSS_WEIGHTINGS,
-        "data.name": data.DATASETS, "text.encoder": text.TEXT_ENCODERS,
-    }.get(full_key)
-
-
-def _check_value(full: str, value: Any, path: str, base: RunConfig) -> None:
-    reg = _registry_for(full)
-    if reg is not None and isinstance(value, str):
-        try:
-            reg.get(value)
-        except KeyError as e:
-            raise SpecError(f"{path}: {e.args[0]}") from None
-    try:
-        base.with_overrides({full: value})
-    except ConfigError as e:
-        raise SpecError(f"{path}: {e}") from None
-
-
-def _factors(d: Any, path: str, base: RunConfig, *, required: bool) -> dict[str, list[Any]]:
-    flat = _flatten(_table(d if d is not None else ({} if not required else None), path))
-    if required and not flat:
-        raise SpecError(f"{path}: must name at least one factor with a list of values")
-    out: dict[str, list[Any]] = {}
-    for key, values in flat.items():
-        p = f"{path}.{key}"
-        full = _full_key(key, p)
-        _check(full not in out, p, "factor given twice", key)
-        if not isinstance(values, list) or not values:
-            raise SpecError(f"{p}: must be a non-empty list of values, got {values!r}")
-        for i, v in enumerate(values):
-            _check(not isinstance(v, Mapping), f"{p}[{i}]", "must be a value, not a table", v)
-            _check(values.index(v) == i, f"{p}[{i}]", "repeats an earlier value", v)
-            _check_value(full, v, f"{p}[{i}]", base)
-        out[full] = list(values)
-    return out
-
-
-def _baseline(d: Any, base: RunConfig) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, v in _flatten(_table(d, "design.baseline")).items():
-        p = f"design.baseline.{key}"
-        full = _full_key(key, p)
-        _check_value(full, v, p, base)
-        out[full] = v
-    return out
-
-
-def _override(base: RunConfig, overrides: Mapping[str, Any], path: str) -> RunConfig:
-    try:
-        return base.with_overrides(overrides)
-    except ConfigError as e:
-        raise SpecError(f"{path}: {cell_label(overrides)}: {e}") from None
-
-
-def _cells(base: RunConfig, settings: list[dict[str, Any]], path: str) -> list[Cell]:
-    # Every cell is built now, so an invalid combination (e.g. cross-attention with no attention levels)
-    # fails before the first trial trains, not hours into the study.
-    return [Cell(i, s, _override(base, s, f"{path} cell {i}")) for i, s in enumerate(settings)]
-
-
-def _class_from(module: Any, name: Any, path: str, base_cls: type) -> type:
-    choices = sorted(n for n in getattr(module, "__all__", []) if inspect.isclass(getattr(module, n, None))
-                     and issubclass(getattr(module, n), base_cls) and not n.startswith("Base"))
-    _check(isinstance(name, str) and name in choices, path, f"must be one of {choices}", name)
-    return getattr(module, name)
-
-
-def _bind(cls: type, args: Any, path: str) -> dict[str, Any]:
-    args = dict(_table(args, path))
-    params = inspect.signature(cls.__init__).parameters
-    for k in args:
-        _check(k in params and k != "self", f"{path}.{k}", f"not an argument of {cls.__name__}",
-               sorted(n for n in params if n != "self"))
-    return args
-
-
-def _search(design: Mapping[str, Any], base: RunConfig, cells: list[Cell], factors: dict[str, list[Any]]) -> dict[str, Any]:
-    import optuna
-
-    sampler = design.get("sampler", "TPESampler")
-    sampler_cls = _class_from(optuna.samplers, sampler, "design.sampler", optuna.samplers.BaseSampler)
-    _check(sampler != "GridSampler", "design.sampler", "GridSampler is the factorial design; use kind = \"factorial\"", sampler)
-    sampler_args = _bind(sampler_cls, design.get("sampler_args", {}), "design.sampler_args")
-    pruner = design.get("pruner", "NopPruner")
-    pruner_cls = _class_from(optuna.pruners, pruner, "design.pruner", optuna.pruners.BasePruner)
-    pruner_args = _bind(pruner_cls, design.get("pruner_args", {}), "design.pruner_args")
-    prune_metric = design.get("prune_metric", "heldout_loss")
-    _check(isinstance(prune_metric, str) and prune_metric.isidentifier(), "design.prune_metric",
-           "must be a metric name the trainer reports at eval steps (e.g. heldout_loss)", prune_metric)
-    n_trials = design.get("n_trials")
-    _check(isinstance(n_trials, int) and not isinstance(n_trials, bool) and n_trials > 0, "design.n_trials",
-           "must be an integer > 0 (trials per cell)", n_trials)
-    space_d = _flatten(_table(design.get("space"), "design.space"))
-    _check(bool(space_d), "design.space", "must define at least one parameter", space_d)
-    space: list[ParamSpec] = []
-    for key, pd in space_d.items():
-        p = f"design.space.{key}"
-        full = _full_key(key, p)
-        _check(full not in factors, p, "is already a crossed factor in design.axes", key)
-        space.append(_param(full, pd, p, base))
-    return {"sampler": sampler, "sampler_args": sampler_args, "pruner": pruner, "pruner_args": pruner_args,
-            "prune_metric": prune_metric, "n_trials": n_trials, "space": tuple(space)}
-
-
-def _param(full: str, pd: Any, p: str, base: RunConfig) -> ParamSpec:
-    pd = _table(pd, p)
-    tp = pd.get("type")
-    _check(tp in PARAM_TYPES, f"{p}.type", f"must be one of {list(PARAM_TYPES)}", tp)
-    if tp == "categorical":
-        _known(pd, ("type", "choices"), f"{p}.")
-        choices = pd.get("choices")
-        _check(isinstance(choices, list) and len(choices) >= 1, f"{p}.choices", "must be a non-empty list", choices)
-        for i, v in enumerate(choices):
-            _check(v is None or isinstance(v, (str, int, float, bool)), f"{p}.choices[{i}]",
-                   "must be a string, number or boolean (Optuna stores categoricals as JSON)", v)
-            _check_value(full, v, f"{p}.choices[{i}]", base)
-        return ParamSpec(full, tp, choices=tuple(choices))
-    _known(pd, ("type", "low", "high", "log", "step"), f"{p}.")
-    num = (int,) if tp == "int" else (int, float)
-    low, high, log, step = pd.get("low"), pd.get("high"), pd.get("log", False), pd.get("step")
-    for k, v in (("low", low), ("high", high)):
-        _check(isinstance(v, num) and not isinstance(v, bool) and math.isfinite(v), f"{p}.{k}",
-               f"must be {'an integer' if tp == 'int' else 'a finite number'}", v)
-    _check(low <= high, f"{p}.high", f"must be >= low ({low})", high)
-    _check(isinstance(log, bool), f"{p}.log", "must be true or false", log)
-    _check(not log or low > 0, f"{p}.low", "must be > 0 when log = true", low)
-    if step is not None:
-        _check(isinstance(step, num) and not isinstance(step, bool) and step > 0, f"{p}.step", "must be > 0", step)
-        _check(not log, f"{p}.step", "cannot be combined with log = true", step)
-    for k, v in (("low", low), ("high", high)):
-        _check_value(full, v, f"{p}.{k}", base)
-    return ParamSpec(full, tp, low=low, high=high, log=log, step=step)
+def _arm_matches(arm: Mapping[str, Any], cell: Cell) -> bool:
+    """Does the cell's resolved config have every value the arm names? (Read from the config, not the cell's
+    overrides, so an arm may name a value the cell inherits, such as `replicate = 0`.)"""
+    flat = cell.cfg.flat()
+    return all(same_value(json.loads(flat[k]) if isinstance(flat.get(k), str) and isinstance(v, list) else flat.get(k), v)
+               for k, v in arm.items())
 
 
 # metric -> (is it computed for this config?, what it needs): the trial's scoring follows cfg.eval.
@@ -495,6 +327,8 @@ _METRIC_NEEDS: dict[str, tuple[Any, str]] = {
     "kid": (lambda c: c.eval.kid, "needs eval.kid = true"),
     "clip_score": (lambda c: c.eval.clip_score, "needs eval.clip_score = true"),
     "oracle_acc": (lambda c: c.eval.oracle and c.data.name == "shapes", "needs eval.oracle = true and data.name = 'shapes'"),
+    "class_acc": (lambda c: c.eval.oracle and c.data.name == "fashion-mnist",
+                  "needs eval.oracle = true and data.name = 'fashion-mnist'"),
 }
 
 
@@ -502,44 +336,123 @@ def _metric_enabled(metric: str, cfg: RunConfig) -> bool:
     return metric not in _METRIC_NEEDS or bool(_METRIC_NEEDS[metric][0](cfg))
 
 
-def _claim(c: Mapping[str, Any], i: int, factors: dict[str, list[Any]], objective: str) -> Claim:
+def _arm(d: Any, path: str, factors: dict[str, list[Any]]) -> dict[str, Any]:
+    d = flatten(table(d, path))
+    check(bool(d), path, "must set at least one factor", d)
+    norm = {}
+    for key, v in d.items():
+        fp = f"{path}.{key}"
+        full = full_key(key, fp)
+        check(full in factors, fp, f"is not a factor of this study's design ({sorted(factors)})", key)
+        check(any(same_value(v, x) for x in factors[full]), fp, f"is not one of the design's values {factors[full]}", v)
+        norm[full] = v
+    return norm
+
+
+def _metric_and_panel(c: Mapping[str, Any], p: str, default: str, cells: list[Cell]) -> tuple[str, tuple[str, ...] | None]:
+    metric = c.get("metric", default)
+    check(metric in FINAL_METRICS, f"{p}.metric", f"must be one of {list(FINAL_METRICS)}", metric)
+    panel = c.get("panel")
+    if panel is None:
+        return metric, None
+    check(metric in PANEL_SCORES, f"{p}.panel", f"only a sampling score ({list(PANEL_SCORES)}) has panel entries",
+          panel)
+    check(isinstance(panel, list) and bool(panel) and all(isinstance(e, str) for e in panel), f"{p}.panel",
+          "must be a non-empty list of panel entry names such as 'ddim-g3'", panel)
+    check(len(set(panel)) == len(panel), f"{p}.panel", "repeats an entry", panel)
+    for cell in cells:
+        entries = [entry_name(s, g) for s, g in cell.cfg.eval.panel()]
+        for j, e in enumerate(panel):
+            check(e in entries, f"{p}.panel[{j}]", f"is not an entry of the sampling panel {entries} "
+                  "(eval.panel_samplers x eval.panel_guidance)", e)
+    return metric, tuple(panel)
+
+
+def _claim(c: Mapping[str, Any], i: int, factors: dict[str, list[Any]], objective: str, cells: list[Cell]) -> Claim:
     p = f"claims[{i}]"
-    _known(c, _CLAIM_KEYS, f"{p}.")
+    known(c, _CLAIM_KEYS, f"{p}.")
     for k in ("name", "statement"):
-        _check(isinstance(c.get(k), str) and c.get(k, "").strip() != "", f"{p}.{k}", "must be a non-empty string", c.get(k))
-    metric = c.get("metric", objective)
-    _check(metric in FINAL_METRICS, f"{p}.metric", f"must be one of {list(FINAL_METRICS)}", metric)
-    sides = {}
-    for side in ("baseline", "variant"):
-        d = _flatten(_table(c.get(side), f"{p}.{side}"))
-        _check(bool(d), f"{p}.{side}", "must set at least one factor", d)
-        norm = {}
-        for key, v in d.items():
-            fp = f"{p}.{side}.{key}"
-            full = _full_key(key, fp)
-            _check(full in factors, fp, f"is not a factor of this study's design ({sorted(factors)})", key)
-            _check(v in factors[full], fp, f"is not one of the design's values {factors[full]}", v)
-            norm[full] = v
-        sides[side] = norm
-    _check(sides["baseline"] != sides["variant"], f"{p}.variant", "must differ from the baseline", sides["variant"])
+        check(isinstance(c.get(k), str) and c.get(k, "").strip() != "", f"{p}.{k}", "must be a non-empty string", c.get(k))
+    metric, panel = _metric_and_panel(c, p, objective, cells)
+    sides = {side: _arm(c.get(side), f"{p}.{side}", factors) for side in ("baseline", "variant")}
+    check(sides["baseline"] != sides["variant"], f"{p}.variant", "must differ from the baseline", sides["variant"])
     better = c.get("better", "higher" if metric in HIGHER_IS_BETTER else "lower")
-    _check(better in ("lower", "higher"), f"{p}.better", "must be 'lower' or 'higher'", better)
+    check(better in ("lower", "higher"), f"{p}.better", "must be 'lower' or 'higher'", better)
     expect = c.get("expect")
-    _check(expect in ("baseline_better", "variant_better"), f"{p}.expect", "must be 'baseline_better' or 'variant_better'", expect)
-    return Claim(c["name"], c["statement"], metric, sides["baseline"], sides["variant"], better, expect)
+    check(expect in EXPECTS, f"{p}.expect", "must be 'baseline_better' or 'variant_better' (or 'variant_no_worse' "
+          "with a margin: at least as good)", expect)
+    margin = c.get("margin")
+    if expect == "variant_no_worse":
+        check(isinstance(margin, (int, float)) and not isinstance(margin, bool) and math.isfinite(margin) and margin > 0,
+              f"{p}.margin", "must be a finite number > 0 for expect = 'variant_no_worse' (the non-inferiority "
+              "margin, in the metric's units)", margin)
+        margin = float(margin)
+    else:
+        check(margin is None, f"{p}.margin", "is only used with expect = 'variant_no_worse'", margin)
+    return Claim(c["name"], c["statement"], metric, sides["baseline"], sides["variant"], better, expect, margin, panel)
+
+
+def _control(c: Mapping[str, Any], i: int, design: Design, baseline: dict[str, Any], factors: dict[str, list[Any]],
+             cells: list[Cell], base: RunConfig, objective: str) -> Claim:
+    """A `[[controls]]` table -> a Claim with its role; a null control also adds its replicate cell."""
+    p = f"controls[{i}]"
+    known(c, _CONTROL_KEYS, f"{p}.")
+    kind = c.get("kind")
+    check(kind in ("null", "positive"), f"{p}.kind", "must be 'null' or 'positive'", kind)
+    name = c.get("name")
+    check(isinstance(name, str) and name.strip() != "", f"{p}.name", "must be a non-empty string", name)
+    metric, panel = _metric_and_panel(c, p, objective, cells)
+    better = c.get("better", "higher" if metric in HIGHER_IS_BETTER else "lower")
+    check(better in ("lower", "higher"), f"{p}.better", "must be 'lower' or 'higher'", better)
+    if kind == "positive":
+        for k in ("arm", "replicate"):
+            check(k not in c, f"{p}.{k}", "is for null controls; a positive control names baseline and variant", c.get(k))
+        statement = c.get("statement")
+        check(isinstance(statement, str) and statement.strip() != "", f"{p}.statement", "must be a non-empty string",
+              statement)
+        sides = {side: design.complete_arm(_arm(c.get(side), f"{p}.{side}", factors), baseline)
+                 for side in ("baseline", "variant")}
+        expect = c.get("expect", "baseline_better")
+        check(expect in ("baseline_better", "variant_better"), f"{p}.expect",
+              "must be 'baseline_better' or 'variant_better' (a positive control has a known winner)", expect)
+        return Claim(name, statement, metric, sides["baseline"], sides["variant"], better, expect, None, panel,
+                     "positive-control")
+    for k in ("baseline", "variant", "expect"):
+        check(k not in c, f"{p}.{k}", "is for positive controls; a null control compares its arm with a replicate "
+              "of itself", c.get(k))
+    check(design.supports_null_control, f"{p}.kind",
+          f"a null control adds a replicate of the baseline cell, which a {design.kind!r} design's plan cannot hold; "
+          "use a one-at-a-time design", kind)
+    arm = c.get("arm")
+    arm = dict(baseline) if arm is None else design.complete_arm(_arm(arm, f"{p}.arm", factors), baseline)
+    replicate = c.get("replicate", 1)
+    check(isinstance(replicate, int) and not isinstance(replicate, bool) and replicate >= 1, f"{p}.replicate",
+          "must be an integer >= 1 (0 is the cell itself)", replicate)
+    check(not any(cell.cfg.replicate == replicate and _arm_matches(arm, cell) for cell in cells), f"{p}.replicate",
+          "another null control already adds this replicate of the same arm", replicate)
+    # The replicate cell: the arm's settings with independent random streams (RunConfig.replicate).
+    cells.extend(build_cells(base, [{**arm, "replicate": replicate}], f"{p} replicate cell"))
+    cells[-1] = replace(cells[-1], index=len(cells) - 1)
+    factors.setdefault("replicate", [0])
+    if replicate not in factors["replicate"]:
+        factors["replicate"].append(replicate)
+    statement = c.get("statement") or (f"The instrument shows no difference between {cell_label(arm)} and a replicate "
+                                       f"of itself (replicate {replicate}: other random streams, same seeds).")
+    return Claim(name, statement, metric, {**arm, "replicate": 0}, {**arm, "replicate": replicate}, better,
+                 "no_difference", None, panel, "null-control")
 
 
 def _runtime(d: Any) -> Runtime:
-    d = _table(d, "runtime")
-    _known(d, _RUNTIME_KEYS, "runtime.")
+    d = table(d, "runtime")
+    known(d, _RUNTIME_KEYS, "runtime.")
     for k in _RUNTIME_KEYS:
         if k in d:
             v = d[k]
-            _check(isinstance(v, int) and not isinstance(v, bool) and v >= (0 if k == "max_retry" else 1),
-                   f"runtime.{k}", "must be an integer >= " + ("0" if k == "max_retry" else "1"), v)
+            check(isinstance(v, int) and not isinstance(v, bool) and v >= (0 if k == "max_retry" else 1),
+                  f"runtime.{k}", "must be an integer >= " + ("0" if k == "max_retry" else "1"), v)
     rt = Runtime(**d)
-    _check(rt.grace_period > rt.heartbeat_interval, "runtime.grace_period",
-           f"must exceed runtime.heartbeat_interval ({rt.heartbeat_interval})", rt.grace_period)
+    check(rt.grace_period > rt.heartbeat_interval, "runtime.grace_period",
+          f"must exceed runtime.heartbeat_interval ({rt.heartbeat_interval})", rt.grace_period)
     return rt
 
 

@@ -10,8 +10,16 @@ work dir relocatable (it travels to the GPU machine and back):
    Opening it anywhere else (`open_tracking`) rewrites the old prefix to the new one in the database
    (experiments, runs, logged models) before MLflow reads it. Idempotent, so concurrent openers are safe.
 
+A fresh SQLite store is created by the first MLflow client that touches it: MLflow builds the tables and
+then runs some 70 alembic migrations, with no lock. Processes starting together on one fresh work dir
+(`train`s, `study run` workers, `clip train`) then migrate the same file at once and die with errors such
+as "duplicate column name" or "table _alembic_tmp_latest_metrics already exists". So every process makes
+its first touch of a SQLite store (`client`) under an exclusive file lock beside the database: the first
+one creates the schema, the others wait and find it complete.
+
 Everything goes through `MlflowClient` with explicit run ids (never the fluent `mlflow.start_run` global
-state), so the study engineer can run parent and child runs side by side from worker processes.
+state), so the study engineer can run parent and child runs side by side from worker processes. How a run
+ends - MLflow status and diffablate's status tags - is owned by one context manager, `run_lifecycle`.
 """
 
 from __future__ import annotations
@@ -25,14 +33,16 @@ import re
 import sqlite3
 import tempfile
 import time
+import sys
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlparse
 
-ARTIFACTS_DIR = "mlartifacts"
-DB_FILE = "mlflow.db"
+from diffablate.studies.workdir import ARTIFACTS_DIR, default_tracking_uri
+
 MARKER = ".diffablate-store.json"
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limit for params
 METRICS_PER_BATCH = 1000  # ... and for metrics
@@ -46,12 +56,10 @@ class TrackingError(RuntimeError):
     """The tracking URI is malformed or unreachable, or an MLflow call failed; the message names the URI."""
 
 
+SCHEMA_LOCK_TIMEOUT_S = 600  # creating the schema takes ~10 s; waiting longer means a stuck process holds it
+
+
 # --- where the store is ------------------------------------------------------------------------------------
-
-
-def default_tracking_uri(workdir: str | Path) -> str:
-    """`sqlite:///<abs workdir>/mlflow.db` (four slashes: an absolute path)."""
-    return f"sqlite:///{Path(workdir).resolve() / DB_FILE}"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -75,9 +83,19 @@ def artifact_root(tracking_uri: str, workdir: str | Path | None = None) -> Path 
 
 def validate_uri(uri: str) -> str:
     """Syntax check (no I/O): a known scheme and what that scheme needs. Returns the URI unchanged."""
-    parsed = urlparse(uri)
-    scheme = parsed.scheme.split("+")[0]  # postgresql+psycopg2://...
     examples = "sqlite:///path/mlflow.db, http://host:5000, postgresql://user@host/db, file:///path/mlruns"
+    if not isinstance(uri, str) or not uri.strip() or any(ord(c) < 32 or ord(c) == 127 for c in uri):
+        raise TrackingError(f"--tracking-uri {uri!r}: not a URI (empty, or control characters); expected e.g. {examples}")
+    try:
+        parsed = urlparse(uri)
+        hostname = parsed.hostname
+    except ValueError as e:  # "Invalid IPv6 URL"
+        raise TrackingError(f"--tracking-uri {uri!r}: malformed URI ({e})") from None
+    try:
+        parsed.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
+    except ValueError as e:
+        raise TrackingError(f"--tracking-uri {uri!r}: invalid port ({e})") from None
+    scheme = parsed.scheme.split("+")[0]  # postgresql+psycopg2://...
     if not parsed.scheme:
         raise TrackingError(f"--tracking-uri {uri!r}: not a URI (no scheme); expected e.g. {examples}")
     if scheme not in KNOWN_SCHEMES:
@@ -85,13 +103,16 @@ def validate_uri(uri: str) -> str:
                             f"{list(KNOWN_SCHEMES)}, e.g. {examples}")
     if scheme == "sqlite" and not (uri.startswith("sqlite:///") or uri == "sqlite://"):
         raise TrackingError(f"--tracking-uri {uri!r}: a SQLite URI is sqlite:///relative.db or sqlite:////abs/path.db")
-    if scheme in ("http", "https", *DB_SCHEMES[1:]) and not parsed.hostname:
+    if scheme in ("http", "https", *DB_SCHEMES[1:]) and not hostname:
         raise TrackingError(f"--tracking-uri {uri!r}: no host")
-    if scheme in ("http", "https"):
+    if scheme in DB_SCHEMES:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
         try:
-            parsed.port  # noqa: B018 - raises ValueError for a non-numeric port
-        except ValueError:
-            raise TrackingError(f"--tracking-uri {uri!r}: invalid port") from None
+            make_url(uri)  # what MLflow hands the URI to; it refuses what it cannot parse
+        except (ArgumentError, ValueError) as e:
+            raise TrackingError(f"--tracking-uri {uri!r}: not a valid database URL ({e})") from None
     return uri
 
 
@@ -124,7 +145,7 @@ def check_reachable(uri: str) -> None:
                 pass
             engine.dispose()
         with _fail_fast():
-            _client(uri).search_experiments(max_results=1)
+            client(uri).search_experiments(max_results=1)
     except TrackingError:
         raise
     except Exception as e:  # noqa: BLE001 - connection errors come from many libraries
@@ -171,14 +192,16 @@ def relocate_store(db_path: Path) -> int:
 
 
 def open_tracking(tracking_uri: str | None, workdir: str | Path, *, check: bool = True) -> str:
-    """Resolve `--tracking-uri` (None = the work dir's SQLite store), validate it, relocate a moved SQLite
-    store, and (check=True) make one round trip so an unreachable store fails before any training."""
+    """Resolve `--tracking-uri` (None = the work dir's SQLite store), validate it, create a SQLite store (its
+    folder and, under the schema lock, its tables), relocate a moved one, and (check=True) make one round
+    trip so an unreachable store fails before any training. Returns the URI."""
     uri = default_tracking_uri(workdir) if tracking_uri is None else validate_uri(tracking_uri)
     db = sqlite_path(uri)
     if db is not None:
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
-            relocate_store(db)
+            with _schema_lock(db):
+                relocate_store(db)
         except (OSError, sqlite3.Error) as e:  # a parent that is a file, a read-only disk: refuse before training
             raise TrackingError(f"--tracking-uri {uri!r}: cannot create or open {db} ({e})") from None
     if check:
@@ -188,10 +211,35 @@ def open_tracking(tracking_uri: str | None, workdir: str | Path, *, check: bool 
 
 # --- experiments and runs ------------------------------------------------------------------------------------
 
+_SCHEMA_READY: set[str] = set()  # SQLite stores whose schema this process has seen complete
 
-def _client(uri: str) -> Any:
+
+@contextlib.contextmanager
+def _schema_lock(db: Path) -> Iterator[None]:
+    """Exclusive across processes (flock on a hidden file beside the database; see the module docstring)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(db.parent / f".{db.name}.lock"), timeout=SCHEMA_LOCK_TIMEOUT_S)
+    try:
+        with lock:
+            yield
+    except Timeout:
+        raise TrackingError(f"{db}: another process has held the MLflow schema lock {lock.lock_file} for "
+                            f"{SCHEMA_LOCK_TIMEOUT_S} s") from None
+
+
+def client(uri: str) -> Any:
+    """An `MlflowClient` on `uri`. A SQLite store's first touch in this process happens under the schema lock,
+    so concurrent processes never create or migrate its tables at the same time."""
     from mlflow import MlflowClient
 
+    db = sqlite_path(uri)
+    if db is not None and uri not in _SCHEMA_READY:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with _schema_lock(db):
+            # MLflow creates (or migrates) the schema when its store object is first built: do that here.
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        _SCHEMA_READY.add(uri)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -205,8 +253,8 @@ def get_or_create_experiment(tracking_uri: str, name: str, *, workdir: str | Pat
     """Experiment id of `name`, creating it with an explicit artifact location (see module docstring)."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(tracking_uri)
-    exp = client.get_experiment_by_name(name)
+    mc = client(tracking_uri)
+    exp = mc.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             raise TrackingError(f"experiment {name!r} is deleted in {tracking_uri}; restore it or pick another name")
@@ -214,10 +262,10 @@ def get_or_create_experiment(tracking_uri: str, name: str, *, workdir: str | Pat
     root = artifact_root(tracking_uri, workdir)
     location = str(root / _slug(name)) if root is not None else None
     try:
-        return client.create_experiment(name, artifact_location=location, tags=dict(tags or {}))
+        return mc.create_experiment(name, artifact_location=location, tags=dict(tags or {}))
     except MlflowException:
         # Another worker created it between our lookup and create: use theirs.
-        exp = client.get_experiment_by_name(name)
+        exp = mc.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
@@ -232,7 +280,7 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, parent_run_id: 
     all_tags = {k: str(v) for k, v in (tags or {}).items()}
     if parent_run_id is not None:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    run = _client(tracking_uri).create_run(exp_id, run_name=run_name, tags=all_tags)
+    run = client(tracking_uri).create_run(exp_id, run_name=run_name, tags=all_tags)
     return run.info.run_id
 
 
@@ -240,22 +288,90 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Mark a run terminated with `status` (FINISHED, FAILED or KILLED)."""
     if status not in RUN_STATUSES:
         raise ValueError(f"status: must be one of {list(RUN_STATUSES)}, got {status!r}")
-    _client(tracking_uri).set_terminated(run_id, status=status)
+    client(tracking_uri).set_terminated(run_id, status=status)
 
 
 def reopen_run(tracking_uri: str, run_id: str) -> None:
     """Mark a terminated run RUNNING again (a resumed training run keeps logging to its first run)."""
-    _client(tracking_uri).update_run(run_id, status="RUNNING")
+    client(tracking_uri).update_run(run_id, status="RUNNING")
 
 
 def run_exists(tracking_uri: str, run_id: str) -> bool:
     from mlflow.exceptions import MlflowException
 
     try:
-        run = _client(tracking_uri).get_run(run_id)
+        run = client(tracking_uri).get_run(run_id)
     except MlflowException:
         return False
     return run.info.lifecycle_stage != "deleted"
+
+
+# --- how a run ends -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunEnding:
+    """How a run ended, written the same way everywhere: MLflow's status and diffablate's own two tags."""
+
+    mlflow_status: str  # FINISHED | KILLED | FAILED (MLflow's run status)
+    status: str  # tag diffablate.status: COMPLETE | PRUNED | FAIL (reports read this)
+    reason: str = ""  # tag diffablate.fail_reason ("" when nothing went wrong)
+
+
+COMPLETE = RunEnding("FINISHED", "COMPLETE")
+REASON_LIMIT = 4000  # MLflow caps tag values (8,000 characters in MLflow 3); a traceback-long reason is cut
+
+
+def interrupt_reason(e: BaseException) -> str:
+    """"interrupted (SIGTERM)" / "interrupted (Ctrl-C)": what stopped a run that did nothing wrong."""
+    from diffablate.studies.interrupts import describe
+
+    return f"interrupted ({describe(e)})"
+
+
+def default_ending(e: BaseException) -> RunEnding:
+    """Ctrl-C, SIGTERM and other exits (KeyboardInterrupt / SystemExit) -> KILLED; an error -> FAILED."""
+    if not isinstance(e, Exception):
+        return RunEnding("KILLED", "FAIL", interrupt_reason(e))
+    return RunEnding("FAILED", "FAIL", f"{type(e).__name__}: {e}")
+
+
+def close_run(tracking_uri: str, run_id: str, ending: RunEnding) -> None:
+    """Tag `diffablate.status` / `diffablate.fail_reason` and terminate the run with `ending.mlflow_status`."""
+    from mlflow.entities import RunTag
+
+    if ending.mlflow_status not in RUN_STATUSES:
+        raise ValueError(f"status: must be one of {list(RUN_STATUSES)}, got {ending.mlflow_status!r}")
+    mc = client(tracking_uri)
+    mc.log_batch(run_id, tags=[RunTag("diffablate.status", ending.status),
+                               RunTag("diffablate.fail_reason", ending.reason[:REASON_LIMIT])])
+    mc.set_terminated(run_id, status=ending.mlflow_status, end_time=int(time.time() * 1000))
+
+
+@contextlib.contextmanager
+def run_lifecycle(tracking_uri: str, run_id: str, *, reopen: bool = False,
+                  ending_for: Callable[[BaseException], RunEnding | None] | None = None) -> Iterator[str]:
+    """Own one MLflow run from (re)start to end: on leaving the block the run is closed COMPLETE / FINISHED,
+    or - when an exception leaves it - as `ending_for(e)` says (None: `default_ending`), and the exception
+    propagates. reopen=True marks a terminated run RUNNING again first (a resume or a retry), clearing the
+    previous attempt's fail_reason. Yields the run id."""
+    from mlflow.entities import RunTag
+
+    if reopen:
+        mc = client(tracking_uri)
+        mc.update_run(run_id, status="RUNNING")
+        mc.log_batch(run_id, tags=[RunTag("diffablate.status", "RUNNING"), RunTag("diffablate.fail_reason", "")])
+    try:
+        yield run_id
+    except BaseException as e:
+        ending = (ending_for(e) if ending_for is not None else None) or default_ending(e)
+        try:
+            close_run(tracking_uri, run_id, ending)
+        except Exception as close_error:  # noqa: BLE001 - never hide the real error behind a bookkeeping one
+            print(f"warning: could not close MLflow run {run_id} as {ending.mlflow_status} in {tracking_uri}: "
+                  f"{type(close_error).__name__}: {close_error}", file=sys.stderr)
+        raise
+    close_run(tracking_uri, run_id, COMPLETE)
 
 
 # --- the Tracker ---------------------------------------------------------------------------------------------
@@ -267,7 +383,7 @@ class MlflowTracker:
     def __init__(self, run_id: str, tracking_uri: str) -> None:
         self.run_id = run_id
         self.tracking_uri = tracking_uri
-        self.client = _client(tracking_uri)
+        self.client = client(tracking_uri)
         self._tables: set[str] = set()
 
     def log_params(self, params: Mapping[str, Any]) -> None:

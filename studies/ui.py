@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from diffablate.studies.runner import StudyError, artifact_root, open_tracking, read_study_file, storage_url, tracking_uri
+from diffablate.studies.runner import StudyError, artifact_root, read_study_file, storage_url, study_client, tracking_uri
 
 
 @dataclass
@@ -72,7 +72,7 @@ def ui_commands(workdir: Path, host: str, mlflow_port: int, optuna_port: int) ->
     if len(storages) != 1:
         raise StudyError(f"{workdir}: its studies use {len(storages)} Optuna storages; optuna-dashboard shows one")
     url = storages.pop()
-    open_tracking(workdir)  # re-points artifact paths if the directory was copied from elsewhere
+    study_client(workdir)  # re-points artifact paths if the directory was copied from elsewhere
     mlflow = [_exe("mlflow"), "server", "--backend-store-uri", tracking_uri(workdir),
               "--default-artifact-root", artifact_root(workdir), "--host", host, "--port", str(mlflow_port),
               "--workers", "1"]

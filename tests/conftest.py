@@ -1,7 +1,9 @@
-"""Shared pytest fixtures. Each room prefixes its fixtures (fid_ for metrics/fid, pg_ for PostgreSQL)."""
+"""Shared pytest fixtures. Each room prefixes its fixtures (fid_ for metrics/fid, pg_ for PostgreSQL); the
+tiny_ fixtures are one tiny CPU configuration every test that trains (or pretends to) can start from."""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import socket
@@ -10,9 +12,49 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
+
+# A RunConfig small enough to train in ~1 s on one CPU core: 16 px shapes, a 2-level UNet, 4 steps of batch 4,
+# nothing scored that needs FID weights or a judge CLIP.
+TINY_BASE: dict[str, Any] = {
+    "device": "cpu",
+    "data": {"name": "shapes", "resolution": 16, "n_train": 16, "n_heldout": 8},
+    "model": {"block_channels": [16, 32], "attention_levels": [False, True]},
+    "text": {"embed_dim": 16},
+    "train": {"steps": 4, "batch_size": 4, "log_every": 1, "eval_every": 2, "checkpoint_every": 0,
+              "warmup_steps": 0, "lr": 1e-3},
+    "perf": {"compile": "off"},
+    "eval": {"n_samples": 2, "sampling_steps": 2, "fid": False, "kid": False, "clip_score": False, "oracle": False,
+             "bootstrap": 0, "timestep_buckets": 2},
+}
+
+
+@pytest.fixture()
+def tiny_base() -> dict[str, Any]:
+    """The tiny config as a nested dict (a spec's [base] table, a config file); a fresh copy per test."""
+    return copy.deepcopy(TINY_BASE)
+
+
+@pytest.fixture()
+def tiny_cfg(tiny_base: dict[str, Any]) -> Any:
+    """The tiny config as a validated RunConfig."""
+    from diffablate.models.config import RunConfig
+
+    return RunConfig.from_dict(tiny_base)
+
+
+@pytest.fixture()
+def tiny_sets(tiny_cfg: Any) -> list[str]:
+    """The tiny config as `--set key=value` arguments (`diffablate train ... *tiny_sets`)."""
+    import json
+
+    out = []
+    for k, v in tiny_cfg.flat().items():
+        value = v if isinstance(v, str) and v.startswith("[") else json.dumps(v)  # lists are JSON text already
+        out += ["--set", f"{k}={value}"]
+    return out
 
 
 @pytest.fixture(scope="session")

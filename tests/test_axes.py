@@ -36,10 +36,10 @@ def sampler(name: str, **over) -> axes.TimestepSampler:
 
 
 def test_registries_hold_the_documented_names():
-    assert list(axes.TIMESTEP_SAMPLERS) == ["uniform", "sequential", "cyclic", "stratified", "loss-aware",
-                                            "logit-normal", "curriculum"]
+    assert list(axes.TIMESTEP_SAMPLERS) == ["uniform", "sequential", "reverse-sequential", "cyclic", "stratified",
+                                            "loss-aware", "logit-normal", "curriculum"]
     assert list(axes.TIME_EMBEDDINGS) == ["on", "off"]
-    assert list(axes.CONDITIONINGS) == ["none", "cross-attention", "pooled", "concat"]
+    assert list(axes.CONDITIONINGS) == ["none", "cross-attention", "cross-attention-pooled", "pooled", "concat"]
     assert list(axes.LOSS_WEIGHTINGS) == ["none", "min-snr"]
 
 
@@ -119,6 +119,25 @@ def test_sequential_longer_run_is_monotone_and_covers_every_t():
     assert int(ts[0]) == 0 and int(ts[-1]) == T - 1
     # Past the end of the run it stays at the last timestep instead of wrapping around.
     assert set(s.sample(B, steps + 5, g, "cpu")[0].tolist()) == {T - 1}
+
+
+def test_reverse_sequential_walks_the_schedule_downwards_exactly_once():
+    T, steps, B = 100, 60, 8
+    s, g = sampler("reverse-sequential", **{"train.steps": steps, "diffusion.num_train_timesteps": T}), gen()
+    fwd = sampler("sequential", **{"train.steps": steps, "diffusion.num_train_timesteps": T})
+    ts = torch.cat([s.sample(B, step, g, "cpu")[0] for step in range(steps)])
+    assert bool((ts[1:] <= ts[:-1]).all())  # never increases
+    assert set(ts.tolist()) == set(range(T))
+    assert int(ts[0]) == T - 1 and int(ts[-1]) == 0
+    # Exactly the mirror image of the forward sweep, example by example.
+    mirrored = torch.cat([T - 1 - fwd.sample(B, step, g, "cpu")[0] for step in range(steps)])
+    assert torch.equal(ts, mirrored)
+
+
+def test_samplers_that_follow_the_run_length_say_so():
+    # Learning curves read budgets off one long run: only these samplers make that invalid.
+    assert {n for n in axes.TIMESTEP_SAMPLERS if axes.TIMESTEP_SAMPLERS.get(n).follows_run_length} == {
+        "sequential", "reverse-sequential", "curriculum"}
 
 
 def test_cyclic_shares_t_in_the_batch_and_cycles_through_the_schedule():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffablate.models import trainer
+from diffablate.models import step, trainer
 from diffablate.studies import bench
 
 TINY = ["data.resolution=8", "data.n_heldout=8", "text.embed_dim=16", "eval.sampling_steps=2", "train.warmup_steps=5"]
@@ -23,9 +23,9 @@ def test_reference_loss_is_the_trainers_objective(tmp_path: Path) -> None:
     """On a fixed batch the diffusers-example loss (F.mse_loss mean) equals the trainer's optimised objective
     (uniform sampler: weights 1, no loss weighting) and the mean of its per-example losses."""
     c = trainer.build_context(_cfg(), tmp_path)
-    batch = trainer.draw_batch(c, 0)
+    batch = step.draw_batch(c, 0)
     assert torch.equal(batch.w, torch.ones_like(batch.w))
-    losses, objective = trainer.step_losses(c, batch)
+    losses, objective = step.losses(c, batch)
     text = c.model.text_encoder(batch.captions)
     ref = bench.reference_loss(c.model.denoiser, c.scheduler, batch.x0, batch.t, batch.noise, text,
                                c.cfg.diffusion.prediction_type)
@@ -38,10 +38,10 @@ def test_bf16_fast_switches_agree_with_fp32_on_a_fixed_batch(tmp_path: Path) -> 
     fp32 = trainer.build_context(_cfg(), tmp_path / "a")
     fast = trainer.build_context(_cfg(mixed_precision="bf16", channels_last="on"), tmp_path / "b")
     assert fast.perf.mixed_precision == "bf16" and fast.perf.channels_last
-    b32, bfast = trainer.draw_batch(fp32, 0), trainer.draw_batch(fast, 0)
+    b32, bfast = step.draw_batch(fp32, 0), step.draw_batch(fast, 0)
     assert torch.equal(b32.t, bfast.t) and torch.equal(b32.noise, bfast.noise) and b32.captions == bfast.captions
-    l32, o32 = trainer.step_losses(fp32, b32)
-    lfast, ofast = trainer.step_losses(fast, bfast)
+    l32, o32 = step.losses(fp32, b32)
+    lfast, ofast = step.losses(fast, bfast)
     assert lfast.dtype == torch.float32  # the reduction stays fp32 under autocast
     assert ofast.item() == pytest.approx(o32.item(), rel=3e-2)
     assert torch.allclose(lfast, l32, rtol=5e-2, atol=1e-3)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffablate.models import step as st
 from diffablate.models import trainer as tr
 from diffablate.models.config import RunConfig
 from diffablate.models.tracker import MemoryTracker
@@ -55,9 +56,8 @@ def test_graph_capture_does_not_advance_training(tmp_path: Path) -> None:
     ctxs = {}
     for name, graphs in (("eager", "off"), ("graph", "on")):
         c = tr.build_context(gpu_cfg(**{"perf.cuda_graphs": graphs}), tmp_path / name)
-        params = [p for p in c.model.parameters() if p.requires_grad]
         for step in range(3):
-            tr.train_step(c, step, tr.draw_batch(c, step), params)
+            st.train_step(c, step)
         torch.cuda.synchronize()
         ctxs[name] = c
     assert ctxs["graph"].graph is not None and ctxs["graph"].graph.graph is not None

@@ -63,7 +63,7 @@ def test_conditioning_none_ignores_the_caption():
     assert d.unet.class_embedding is None and d.unet.conv_in.in_channels == 3
 
 
-@pytest.mark.parametrize("route", ["cross-attention", "pooled", "concat"])
+@pytest.mark.parametrize("route", ["cross-attention", "cross-attention-pooled", "pooled", "concat"])
 @torch.no_grad()
 def test_conditioned_routes_depend_on_the_caption(route):
     d, enc, _ = build(**{"axes.conditioning": route})
@@ -84,6 +84,21 @@ def test_each_route_builds_its_own_unet():
         assert not any(getattr(m, "has_cross_attention", False) for m in d.modules())
     assert pooled.unet.class_embedding is not None and concat.unet.class_embedding is None
     assert concat.unet.conv_in.in_channels == 3 + 4 and concat.unet.conv_out.out_channels == 3
+
+
+@torch.no_grad()
+def test_pooled_cross_attention_matches_cross_attention_in_size_and_sees_only_the_pooled_vector():
+    cross, _, _ = build(**{"axes.conditioning": "cross-attention"})
+    pooled_x, enc, _ = build(**{"axes.conditioning": "cross-attention-pooled"})
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(pooled_x) == count(cross)  # the parameter-matched control of the text route
+    assert [type(b).__name__ for b in pooled_x.unet.down_blocks] == ["DownBlock2D", "CrossAttnDownBlock2D"]
+    e = enc(CAPTIONS[:2])
+    # Changing every token state but keeping the pooled vector changes nothing: one token, the pooled one.
+    other = TextEmbedding(torch.randn_like(e.tokens), e.mask, e.pooled)
+    x, t = x_t(), torch.tensor([10, 60])
+    assert torch.equal(pooled_x(x, t, e), pooled_x(x, t, other))
+    assert not torch.allclose(pooled_x(x, t, e), pooled_x(x, t, TextEmbedding(e.tokens, e.mask, e.pooled + 1)), atol=1e-5)
 
 
 @torch.no_grad()

@@ -64,28 +64,23 @@ def train_then_die(run):
     return train_and_evaluate(run)
 '''
 
-TINY_BASE: dict[str, Any] = {
-    "device": "cpu",
-    "data": {"name": "shapes", "resolution": 16, "n_train": 16, "n_heldout": 8},
-    "model": {"block_channels": [16, 32], "attention_levels": [False, True]},
-    "text": {"embed_dim": 16},
-    "train": {"steps": 4, "batch_size": 4, "log_every": 1, "eval_every": 2, "checkpoint_every": 0,
-              "warmup_steps": 0, "lr": 1e-3},
-    "perf": {"compile": "off"},
-}
-TINY_EVAL = {"n_samples": 2, "sampling_steps": 2, "fid": False, "kid": False, "clip_score": False, "oracle": False,
-             "bootstrap": 0, "timestep_buckets": 2}
 RUNTIME = {"heartbeat_interval": 1, "grace_period": 3, "max_retry": 2}  # kill tests: notice a dead worker fast
 CONC_RUNTIME = {"heartbeat_interval": 5, "grace_period": 60, "max_retry": 2}
 
 
-def _spec(tmp: Path, name: str, seeds: list[int], design: dict, base: dict | None = None,
-          runtime: dict | None = None) -> Path:
-    d = {"name": name, "seeds": seeds, "base": copy.deepcopy(base or TINY_BASE), "eval": dict(TINY_EVAL),
-         "design": design, "runtime": runtime or RUNTIME}
-    p = tmp / f"{name}.toml"
-    p.write_text(tomli_w.dumps(d))
-    return p
+@pytest.fixture()
+def make_spec(tmp_path: Path, tiny_base: dict[str, Any]) -> Any:
+    """`make_spec(name, seeds, design, base=None, runtime=None)` writes a spec on conftest's tiny config
+    (`base`: that config edited by the test) and returns its path."""
+
+    def make(name: str, seeds: list[int], design: dict, base: dict | None = None, runtime: dict | None = None) -> Path:
+        d = {"name": name, "seeds": seeds, "base": copy.deepcopy(base or tiny_base), "design": design,
+             "runtime": runtime or RUNTIME}
+        p = tmp_path / f"{name}.toml"
+        p.write_text(tomli_w.dumps(d))
+        return p
+
+    return make
 
 
 def _env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -180,10 +175,11 @@ def fake_env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_killed_worker_trial_is_retried_once_and_nothing_duplicates(tmp_path: Path, fake_env: dict[str, str]) -> None:
+def test_killed_worker_trial_is_retried_once_and_nothing_duplicates(tmp_path: Path, fake_env: dict[str, str],
+                                                                    make_spec: Any) -> None:
     """SIGKILL one of two workers mid-trial: the other fails its stale trial after the grace period, the retry
     completes it in the same MLflow run, and a second `study run` finds nothing to do."""
-    spec, wd, log = _spec(tmp_path, "killw", [0, 1], GRID), tmp_path / "wd", tmp_path / "log"
+    spec, wd, log = make_spec("killw", [0, 1], GRID), tmp_path / "wd", tmp_path / "log"
     args = ["study", "run", str(spec), "--workdir", str(wd), "--workers", "2", "--trial-fn", "fake_trials_rel:slow"]
     proc = _cli(args, {**fake_env, "DIFFABLATE_TEST_SLEEP": "1.0"}, log)
     victim = _wait_marks(tmp_path / "marks", "start", 1, proc, log)[0]
@@ -207,10 +203,11 @@ def test_killed_worker_trial_is_retried_once_and_nothing_duplicates(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_killed_study_run_group_then_rerun_finishes_exactly_the_plan(tmp_path: Path, fake_env: dict[str, str]) -> None:
+def test_killed_study_run_group_then_rerun_finishes_exactly_the_plan(tmp_path: Path, fake_env: dict[str, str],
+                                                                     make_spec: Any) -> None:
     """SIGKILL the whole `study run` process group while two trials run; they stay RUNNING (their MLflow runs
     too) until the rerun fails them as stale, retries them, and ends with exactly the planned trials."""
-    spec, wd, log = _spec(tmp_path, "killg", [0, 1], GRID), tmp_path / "wd", tmp_path / "log"
+    spec, wd, log = make_spec("killg", [0, 1], GRID), tmp_path / "wd", tmp_path / "log"
     args = ["study", "run", str(spec), "--workdir", str(wd), "--workers", "2", "--trial-fn", "fake_trials_rel:slow"]
     proc = _cli(args, {**fake_env, "DIFFABLATE_TEST_SLEEP": "2.0"}, log)
     _wait_marks(tmp_path / "marks", "start", 2, proc, log)
@@ -231,10 +228,10 @@ def test_killed_study_run_group_then_rerun_finishes_exactly_the_plan(tmp_path: P
 
 
 @pytest.mark.slow
-def test_interrupted_study_run_requeues_its_trial(tmp_path: Path, fake_env: dict[str, str]) -> None:
+def test_interrupted_study_run_requeues_its_trial(tmp_path: Path, fake_env: dict[str, str], make_spec: Any) -> None:
     """Ctrl-C (SIGINT) mid-trial: the trial is FAILed as interrupted, its MLflow run KILLED (not left RUNNING),
     and a WAITING copy is queued, so the next `study run` completes exactly the plan."""
-    spec, wd, log = _spec(tmp_path, "sigint", [0], GRID), tmp_path / "wd", tmp_path / "log"
+    spec, wd, log = make_spec("sigint", [0], GRID), tmp_path / "wd", tmp_path / "log"
     args = ["study", "run", str(spec), "--workdir", str(wd), "--workers", "1", "--trial-fn", "fake_trials_rel:slow"]
     proc = _cli(args, {**fake_env, "DIFFABLATE_TEST_SLEEP": "2.0"}, log)
     _wait_marks(tmp_path / "marks", "start", 1, proc, log)
@@ -250,7 +247,7 @@ def test_interrupted_study_run_requeues_its_trial(tmp_path: Path, fake_env: dict
 
 
 def test_run_created_but_unrecorded_is_reused_not_duplicated(tmp_path: Path, fake_env: dict[str, str],
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                                             monkeypatch: pytest.MonkeyPatch, make_spec: Any) -> None:
     """A worker that died between creating a trial's MLflow run and recording its id in Optuna leaves an
     orphan RUNNING run; the trial's next attempt adopts it, so there is still one run per planned trial and
     none stays RUNNING."""
@@ -259,7 +256,7 @@ def test_run_created_but_unrecorded_is_reused_not_duplicated(tmp_path: Path, fak
 
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("DIFFABLATE_TEST_MARKS", str(tmp_path / "marks"))
-    spec = load_spec(_spec(tmp_path, "orphan", [0], GRID))
+    spec = load_spec(make_spec("orphan", [0], GRID))
     wd = tmp_path / "wd"
     handle = runner.prepare_study(spec, wd)
     tracking.start_run(runner.tracking_uri(wd), "orphan", "orphan", handle.parent_run_id,
@@ -303,13 +300,56 @@ def test_sqlite_claims_are_atomic_across_processes(tmp_path: Path) -> None:
     assert len(claims) == 60 and len(set(claims)) == 60
 
 
+def _open_store_and_log(wd: str, barrier: Any, q: Any) -> None:
+    """What every command does first on its MLflow store (train, clip train, a study's parent and workers)."""
+    from diffablate.studies import tracking
+
+    barrier.wait(timeout=120)  # all processes touch the fresh store at the same moment
+    try:
+        uri = tracking.open_tracking(None, Path(wd))
+        run_id = tracking.start_run(uri, "race", f"pid{os.getpid()}", workdir=Path(wd))
+        with tracking.run_lifecycle(uri, run_id):
+            tracking.MlflowTracker(run_id, uri).log_metrics({"x": 1.0}, step=0)
+        q.put(("ok", run_id))
+    except Exception as e:  # noqa: BLE001 - the test reports every failure
+        q.put(("fail", f"{type(e).__name__}: {e}"))
+
+
+def test_eight_processes_start_at_once_on_a_fresh_mlflow_store(tmp_path: Path) -> None:
+    """8 processes open one fresh work dir's mlflow.db at the same instant: all succeed, 8 runs are recorded.
+    (Without the schema lock MLflow's table creation and ~70 migrations ran concurrently: 7 of 8 died with
+    "duplicate column name: step", "table _alembic_tmp_latest_metrics already exists", ... - issue 16.)"""
+    import multiprocessing
+
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - imported once here, so forked children start fast
+    from mlflow import MlflowClient
+
+    from diffablate.studies.workdir import default_tracking_uri
+
+    n, wd = 8, tmp_path / "fresh"
+    ctx = multiprocessing.get_context("fork")
+    barrier, q = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_open_store_and_log, args=(str(wd), barrier, q)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    failed = [r[1] for r in results if r[0] != "ok"]
+    assert not failed, failed
+    runs = MlflowClient(default_tracking_uri(wd)).search_runs(
+        [MlflowClient(default_tracking_uri(wd)).get_experiment_by_name("race").experiment_id])
+    assert len(runs) == n and {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.info.run_id for r in runs} == {r[1] for r in results}
+
+
 @pytest.mark.slow
-def test_eight_workers_on_sqlite(tmp_path: Path, fake_env: dict[str, str]) -> None:
+def test_eight_workers_on_sqlite(tmp_path: Path, fake_env: dict[str, str], make_spec: Any) -> None:
     """8 worker processes, 16 short trials, one SQLite file for Optuna and one for MLflow: no 'database is
     locked', no failed, lost or duplicated trial or run, and the work really was shared."""
     # Nothing is killed here: a realistic grace period, so a heartbeat delayed by 8 processes on 2 loaded
     # cores is not mistaken for a dead worker (that re-runs a live trial: wasted work, though still one result).
-    spec, wd, log = (_spec(tmp_path, "conc", list(range(8)), GRID, runtime=CONC_RUNTIME), tmp_path / "wd",
+    spec, wd, log = (make_spec("conc", list(range(8)), GRID, runtime=CONC_RUNTIME), tmp_path / "wd",
                      tmp_path / "log")
     args = ["study", "run", str(spec), "--workdir", str(wd), "--workers", "8", "--trial-fn", "fake_trials_rel:slow"]
     out = _finish(_cli(args, {**fake_env, "DIFFABLATE_TEST_SLEEP": "0.1"}, log), log, timeout=550)
@@ -325,9 +365,10 @@ def test_eight_workers_on_sqlite(tmp_path: Path, fake_env: dict[str, str]) -> No
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_eight_workers_on_postgres(tmp_path: Path, fake_env: dict[str, str], pg_url: str) -> None:
+def test_eight_workers_on_postgres(tmp_path: Path, fake_env: dict[str, str], pg_url: str,
+                                   make_spec: Any) -> None:
     """The same 8-worker study with Optuna on a real PostgreSQL server."""
-    spec, wd, log = (_spec(tmp_path, "concpg", list(range(8)), GRID, runtime=CONC_RUNTIME), tmp_path / "wd",
+    spec, wd, log = (make_spec("concpg", list(range(8)), GRID, runtime=CONC_RUNTIME), tmp_path / "wd",
                      tmp_path / "log")
     args = ["study", "run", str(spec), "--workdir", str(wd), "--workers", "8", "--storage", pg_url,
             "--trial-fn", "fake_trials_rel:slow"]
@@ -345,14 +386,14 @@ def test_eight_workers_on_postgres(tmp_path: Path, fake_env: dict[str, str], pg_
 
 
 @pytest.mark.slow  # ~60 s alone on 2 CPU cores: three real (tiny) trainings + scoring
-def test_diverging_trials_fail_with_reason_and_study_continues(tmp_path: Path) -> None:
+def test_diverging_trials_fail_with_reason_and_study_continues(tmp_path: Path, make_spec: Any) -> None:
     """One-at-a-time over a sane baseline, lr = 1e12 and train.diverge_loss = 1e-9: the two bad cells end FAIL
     with the reason in Optuna (user attr) and MLflow (status FAILED, tags), the baseline still completes."""
     from diffablate.studies import runner
     from diffablate.studies.spec import load_spec
 
     design = {"kind": "one-at-a-time", "baseline": {}, "variants": {"train": {"lr": [1e12], "diverge_loss": [1e-9]}}}
-    spec = load_spec(_spec(tmp_path, "div", [0], design))
+    spec = load_spec(make_spec("div", [0], design))
     wd = tmp_path / "wd"
     runner.run_study(spec, workdir=wd, workers=1, log=lambda s: None)
     trials = {t.user_attrs["cell"]: t for t in _study(wd, "div").get_trials()}
@@ -394,16 +435,17 @@ class _Recorder:
 
 
 @pytest.mark.slow
-def test_killed_trial_resumes_from_checkpoint_on_the_same_loss_curve(tmp_path: Path, fake_env: dict[str, str]) -> None:
+def test_killed_trial_resumes_from_checkpoint_on_the_same_loss_curve(tmp_path: Path, fake_env: dict[str, str],
+                                                                     make_spec: Any, tiny_base: dict) -> None:
     """A trial's worker is SIGKILLed after step 6 (last checkpoint: step 4); the rerun retries the trial, which
     resumes from step 4 in the same run dir and MLflow run. Every train/held-out loss it logged - before the
     kill and after the resume - equals an uninterrupted run of the same config, exactly (CPU)."""
     from diffablate.models.trainer import train
     from diffablate.studies.spec import load_spec
 
-    base = copy.deepcopy(TINY_BASE)
+    base = copy.deepcopy(tiny_base)
     base["train"].update(steps=8, eval_every=3, checkpoint_every=4)
-    spec_path = _spec(tmp_path, "resume", [0], {"kind": "factorial", "axes": {"timestep_sampler": ["uniform"]}}, base)
+    spec_path = make_spec("resume", [0], {"kind": "factorial", "axes": {"timestep_sampler": ["uniform"]}}, base)
     wd, log = tmp_path / "wd", tmp_path / "log"
     args = ["study", "run", str(spec_path), "--workdir", str(wd), "--workers", "1", "--trial-fn",
             "fake_trials_rel:train_then_die"]

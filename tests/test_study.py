@@ -368,10 +368,13 @@ def test_real_study_two_workers_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     handle = runner.load_handle(wd)
     trials, parent, children = assert_exactly_planned(handle)
+    entries = ["ddim-g1", "ddim-g3", "ddpm-g1", "ddpm-g3"]  # the default sampling panel
     for r in children:
         m = r.data.metrics
-        assert {"fid", "fid_n_gen", "oracle_acc", "final_heldout_loss", "train_loss"} <= set(m)
-        assert m["fid_n_gen"] == 4 and m["fid"] > 0
+        assert {"final_heldout_loss", "train_loss", "oracle_ceiling"} <= set(m)
+        for e in entries:  # every sampling score once per panel entry (metrics/names.py)
+            assert {f"fid/{e}", f"fid_n_gen/{e}", f"oracle_acc/{e}"} <= set(m)
+            assert m[f"fid_n_gen/{e}"] == 4 and m[f"fid/{e}"] > 0
     assert "4/4 complete" in result.output
 
 

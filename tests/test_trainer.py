@@ -4,6 +4,7 @@ nothing measured, compile fallback, EMA weights for sampling, and (slow) held-ou
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from pathlib import Path
@@ -14,7 +15,9 @@ import torch
 from torch import nn
 from PIL import Image
 
+from diffablate.models import device as dev
 from diffablate.models import diffusion
+from diffablate.models import step as st
 from diffablate.models import trainer as tr
 from diffablate.models.checkpoint import CheckpointError, list_checkpoints, load_weights
 from diffablate.models.config import ConfigError, PerfConfig, RunConfig
@@ -165,16 +168,16 @@ def test_divergence_threshold(tmp_path: Path) -> None:
 
 def test_perf_auto_resolution_and_validation() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert tr.resolve_perf(PerfConfig(), cpu) == tr.PerfResolved("no", False, False, False, True, False)
-    assert tr.resolve_perf(PerfConfig(), cuda) == tr.PerfResolved("bf16", True, True, True, True, True)
-    assert tr.resolve_perf(PerfConfig(compile="off", mixed_precision="no"), cuda).compile is False
+    assert dev.resolve_perf(PerfConfig(), cpu) == dev.PerfResolved("no", False, False, False, True, False)
+    assert dev.resolve_perf(PerfConfig(), cuda) == dev.PerfResolved("bf16", True, True, True, True, True)
+    assert dev.resolve_perf(PerfConfig(compile="off", mixed_precision="no"), cuda).compile is False
     with pytest.raises(ConfigError, match="perf.cuda_graphs.*CUDA"):
-        tr.resolve_perf(PerfConfig(cuda_graphs="on"), cpu)
+        dev.resolve_perf(PerfConfig(cuda_graphs="on"), cpu)
     with pytest.raises(ConfigError, match="perf.cuda_graphs.*fp16"):
-        tr.resolve_perf(PerfConfig(cuda_graphs="on", mixed_precision="fp16"), cuda)
+        dev.resolve_perf(PerfConfig(cuda_graphs="on", mixed_precision="fp16"), cuda)
     # "auto" steps aside for fp16 (the loss scaler syncs with the host) instead of failing.
-    assert tr.resolve_perf(PerfConfig(mixed_precision="fp16"), cuda).cuda_graphs is False
-    assert tr.resolve_perf(PerfConfig(), cpu).params()["perf_resolved.data_on_device"] == "True"
+    assert dev.resolve_perf(PerfConfig(mixed_precision="fp16"), cuda).cuda_graphs is False
+    assert dev.resolve_perf(PerfConfig(), cpu).params()["perf_resolved.data_on_device"] == "True"
 
 
 def test_ema_device_scalar_weight_matches_float_weight() -> None:
@@ -182,7 +185,7 @@ def test_ema_device_scalar_weight_matches_float_weight() -> None:
     # _foreach_lerp_); it must give bit-identical weights to the eager path's float weight.
     torch.manual_seed(0)
     online = tr.ModelBundle(nn.Linear(7, 5), nn.Linear(3, 2))
-    a, b = tr.EMA(online, 0.999), tr.EMA(online, 0.999)
+    a, b = st.EMA(online, 0.999), st.EMA(online, 0.999)
     for step in range(1, 6):
         with torch.no_grad():
             for p in online.parameters():
@@ -197,7 +200,7 @@ def test_ema_device_scalar_weight_matches_float_weight() -> None:
 
 def test_meter_accumulates_in_place() -> None:
     # A captured graph holds the address of Meter.sums: reset and load must not replace the tensor.
-    m = tr.Meter(torch.device("cpu"))
+    m = st.Meter(torch.device("cpu"))
     sums = m.sums
     m.add(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0))
     m.load_state_dict(m.state_dict())
@@ -260,6 +263,107 @@ def test_stream_seeds_are_distinct_and_stable() -> None:
     assert len(seeds) == len(tr.STREAMS) + 2
     assert tr.stream_seed(0, "noise") == tr.stream_seed(0, "noise") != tr.stream_seed(1, "noise")
     assert all(0 <= s < 2**63 for s in seeds)
+
+
+# stream_seed(3, name) as the code before `replicate` existed computed it (commit d1070be): replicate 0
+# must keep every existing run's numbers.
+SEEDS_BEFORE_REPLICATE = {"data": 254641492617612582, "dropout": 2071059433826431856, "timestep": 3293384757353008724,
+                          "noise": 861772325012072463, "init": 6505158849854388602, "global": 9196929117026031534}
+
+
+def test_replicate_zero_keeps_the_seeds_and_k_gives_independent_streams(tmp_path: Path) -> None:
+    assert {s: tr.stream_seed(3, s) for s in SEEDS_BEFORE_REPLICATE} == SEEDS_BEFORE_REPLICATE
+    assert {s: tr.stream_seed(3, s, 0) for s in SEEDS_BEFORE_REPLICATE} == SEEDS_BEFORE_REPLICATE
+    seeds = {(k, s): tr.stream_seed(3, s, k) for k in range(3) for s in SEEDS_BEFORE_REPLICATE}
+    assert len(set(seeds.values())) == len(seeds)  # every (replicate, stream) pair its own stream
+    cfg = tiny(**{"train.steps": 2, "train.log_every": 1, "train.eval_every": 2, "train.checkpoint_every": 0})
+    runs = {}
+    for k in (0, 1):
+        t = MemoryTracker()
+        tr.train(cfg.with_overrides({"replicate": k}), tmp_path / f"r{k}", tracker=t, progress=False)
+        runs[k] = t
+    assert runs[0].params["seed"] == runs[1].params["seed"] == 0 and runs[1].params["replicate"] == 1
+    assert runs[0].series("train_loss")[0] != runs[1].series("train_loss")[0]  # other init, batches, noise
+    with pytest.raises(ConfigError, match="replicate: must be >= 0"):
+        RunConfig(replicate=-1)
+
+
+MILESTONE_CFG = {"train.steps": 8, "train.log_every": 2, "train.eval_every": 8, "train.checkpoint_every": 0}
+
+
+class Kill(BaseException):
+    """Stands for the process being killed (not an Exception: nothing in the trainer catches it)."""
+
+
+def milestone_recorder(calls: list[tuple[int, float]], run_dir: Path, kill_at: int | None = None,
+                       on_call: Any = None):
+    def on_milestone(step: int, trained: tr.Trained) -> None:
+        from diffablate.studies.evaluate import generate_samples
+
+        # Before the milestone's checkpoint, on the EMA model in eval mode, usable for sampling.
+        assert all(s < step for s, _ in list_checkpoints(run_dir))
+        assert trained.step == step and not trained.denoiser.training and not trained.text_encoder.training
+        images = generate_samples(trained, trained.cfg, ["a red circle", "a blue square"], torch.device("cpu"))
+        assert images.shape == (2, 3, 16, 16) and images.dtype == torch.uint8
+        trained.denoiser.train()  # the trainer must restore every mode after the callback
+        calls.append((step, float(sum(p.double().sum() for p in trained.denoiser.parameters()))))
+        if on_call is not None:
+            on_call()
+        if step == kill_at:
+            raise Kill
+
+    return on_milestone
+
+
+def test_milestones_call_back_then_checkpoint_and_resume_past_them(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # A clock that jumps 1000 s inside each callback: training time must not see the jumps.
+    offset = [0.0]
+    monkeypatch.setattr(tr, "time", type("FakeTime", (), {"perf_counter": staticmethod(
+        lambda: time.perf_counter() + offset[0])}))
+    cfg = tiny(**RESUME_CFG, **MILESTONE_CFG)
+    straight, calls = MemoryTracker(), []
+    result = tr.train(cfg, tmp_path / "a", tracker=straight, progress=False, milestones=(3, 6),
+                      on_milestone=milestone_recorder(calls, tmp_path / "a",
+                                                      on_call=lambda: offset.__setitem__(0, offset[0] + 1000)))
+    assert [s for s, _ in calls] == [3, 6]
+    assert [s for s, _ in list_checkpoints(tmp_path / "a")] == [3, 6, 8]  # one at each milestone, one at the end
+    assert result.wall_s > 2000 > 8 * cfg.train.batch_size / result.img_per_s  # callback time is not training time
+    assert all(2 * cfg.train.batch_size / v < 1000 for _, v in straight.series("img_per_s"))  # per log interval too
+    # Killed inside the second callback: its checkpoint was never written; the resume re-runs steps 4-6,
+    # skips milestone 3, calls back at 6 with the very same EMA weights, then ends as the straight run.
+    killed, again, resumed = [], [], MemoryTracker()
+    with pytest.raises(Kill):
+        tr.train(cfg, tmp_path / "b", progress=False, milestones=(3, 6),
+                 on_milestone=milestone_recorder(killed, tmp_path / "b", kill_at=6))
+    assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [3]
+    tr.train(cfg, tmp_path / "b", tracker=resumed, progress=False, milestones=(3, 6),
+             on_milestone=milestone_recorder(again, tmp_path / "b"))
+    assert killed == calls and again == calls[1:]
+    for k in CURVES:
+        assert resumed.series(k) == [(s, v) for s, v in straight.series(k) if s > 3], k
+
+
+def test_milestone_callback_leaves_training_modes_as_they_were(tmp_path: Path) -> None:
+    def flip(step: int, trained: tr.Trained) -> None:
+        trained.denoiser.train()
+        trained.text_encoder.train()
+
+    c = tr.open_run(tiny(**MILESTONE_CFG), tmp_path, milestones=(2,), on_milestone=flip)
+    while c.step < 2:
+        c.lr = st.train_step(c.s, c.step)
+        c.step += 1
+        tr.after_step(c)
+    assert c.s.model.training and c.s.model.denoiser.training  # the online model still trains
+    assert not any(m.training for m in c.s.ema.model.modules())  # the EMA model is back in eval mode
+
+
+@pytest.mark.parametrize("milestones", [(0,), (9,), (2.5,)])
+def test_bad_milestones_fail_before_anything_is_created(tmp_path: Path, milestones: tuple) -> None:
+    with pytest.raises(ConfigError, match=r"milestones: .*train\.steps = 8"):
+        tr.train(tiny(**MILESTONE_CFG), tmp_path / "run", progress=False, milestones=milestones,
+                 on_milestone=lambda s, t: None)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
