@@ -10,7 +10,6 @@ controls' status, any warning that the samples are noise, then one row per claim
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import re
 import shutil
