@@ -202,14 +202,14 @@ def _first_screen(study: StudyData, j: verdicts.Judgement, pick: learning.Budget
                                    "known effect or rejects a null; read the verdicts with that in mind."))
     bar = j.baseline_bar
     if bar.get("below"):
-        ceiling = "" if math.isnan(bar["ceiling"]) else f" The oracle scores {bar['ceiling']:.3g} on real images."
+        ceiling = "" if math.isnan(bar["ceiling"]) else f" The same oracle scores {bar['ceiling']:.3g} on real images."
         out.append(Callout("danger", "SAMPLES ARE NOISE: this study says nothing about images. The baseline's "
-                                     "oracle accuracy is " + ", ".join(
+                                     f"{bar['label']} is " + ", ".join(
                                          f"{e['mean']:.3g} under {e['entry']}" for e in bar["below"])
                            + f", below the bar of {bar['bar']:g}.{ceiling}"))
     elif not bar.get("entries") and study.claims:
-        out.append(Callout("warn", "No oracle accuracy was logged: nothing shows the baseline's samples depict "
-                                   "their captions."))
+        out.append(Callout("warn", "No oracle (or class) accuracy was logged: nothing shows the baseline's samples "
+                                   "depict their captions."))
     if pick is not None:
         kind = "ok" if pick.picked is not None else "danger"
         out.append(Callout(kind, pick.why))
@@ -271,7 +271,7 @@ def _overview(study: StudyData) -> str:
 
 def _bar_text(bar: dict[str, Any]) -> str:
     ceiling = "not logged" if math.isnan(bar["ceiling"]) else f"{bar['ceiling']:.3g}"
-    return (f"Baseline quality bar: the baseline ({bar['arm']}) has seed-mean oracle accuracy " + ", ".join(
+    return (f"Baseline quality bar: the baseline ({bar['arm']}) has seed-mean {bar['label']} " + ", ".join(
         f"{e['mean']:.3g} under {e['entry']}" for e in bar["entries"]) + f" (bar {bar['bar']:g}; the oracle's "
         f"ceiling, its accuracy on real images: {ceiling}). Below the bar, samples do not show what their captions "
         "say, and no verdict about images means anything.")
@@ -360,7 +360,8 @@ def _learning_section(study: StudyData, j: verdicts.Judgement, pick: learning.Bu
     out: list[Block] = [Heading(2, "Learning curve and the budget it picks"),
                         Para(f"Budgets {pick.budgets}. Rule: {learning.RULE}"), Para(pick.why)]
     stem = figures.learning_curves(pick.curves, list(HEADLINE_SCORES), list(study.panel.entries), fig_dir,
-                                   bar=verdicts.ORACLE_BAR, ceiling=j.baseline_bar.get("ceiling"), picked=pick.picked)
+                                   bar=verdicts.ORACLE_BAR, ceiling=j.baseline_bar.get("ceiling"), picked=pick.picked,
+                                   bar_score=j.baseline_bar.get("score", "oracle_acc"))
     if stem is None:
         out.append(Para("No panel score was logged at the budgets; there is no curve to draw."))
     else:

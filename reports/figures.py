@@ -383,7 +383,8 @@ def fid_bootstrap(trials: pd.DataFrame, entries: list[str], out_dir: Path) -> st
 
 
 def learning_curves(curves: pd.DataFrame, scores: list[str], entries: list[str], out_dir: Path,
-                    bar: float | None = None, ceiling: float | None = None, picked: int | None = None) -> str | None:
+                    bar: float | None = None, ceiling: float | None = None, picked: int | None = None,
+                    bar_score: str = "oracle_acc") -> str | None:
     """Each panel score against the training budget, one line per panel entry: seed mean, 95 % t-CI band,
     a marker at every budget. Scores with no data or one constant value get no panel."""
     shown = [s for s in scores if curves.loc[curves["score"] == s, "value"].nunique() > 1]  # not empty or constant
@@ -402,10 +403,10 @@ def learning_curves(curves: pd.DataFrame, scores: list[str], entries: list[str],
             sns.lineplot(data=d, x="budget", y="value", hue="entry",
                          hue_order=[e for e in entries if e in set(d["entry"])], palette=colours,
                          errorbar=t_errorbar(), marker="o", markersize=5, ax=ax, legend=ax is axes[0])
-            if score == "oracle_acc" and bar is not None:
+            if score == bar_score and bar is not None:
                 ax.axhline(bar, color="0.2", lw=0.9, ls="--")
                 ax.annotate(f"bar {bar:g}", (budgets[0], bar), fontsize="x-small", va="bottom")
-            if score == "oracle_acc" and ceiling is not None and not math.isnan(ceiling):
+            if score == bar_score and ceiling is not None and not math.isnan(ceiling):
                 ax.axhline(ceiling, color=_C[2], lw=0.9, ls=":")
                 ax.annotate(f"ceiling {ceiling:.3g}", (budgets[0], ceiling), fontsize="x-small", va="top")
             if picked is not None:

@@ -177,3 +177,13 @@ def test_timestep_caption_says_what_the_data_show() -> None:
     sentences, match = findings(table)
     assert match == "opposite"  # sequential is lower late: the opposite of "neglected timesteps get worse"
     assert "lower in 2 (t 500–999)" in sentences[0]
+
+
+def test_the_baseline_bar_uses_the_datasets_oracle() -> None:
+    from diffablate.reports.verdicts import baseline_bar
+
+    shapes = baseline_bar(_study({"a": [0.3, 0.4], "b": [0.9, 0.9]}, [_claim("c", "a", "b")]))
+    assert shapes["score"] == "oracle_acc" and [e["entry"] for e in shapes["below"]] == [ENTRY]
+    assert shapes["arm"] == "x=a"  # the claims' baseline arm, not every trial
+    fashion = baseline_bar(_study({"a": [0.7, 0.8]}, [], metric="class_acc"))
+    assert fashion["score"] == "class_acc" and fashion["below"] == [] and fashion["entries"][0]["mean"] == 0.75
