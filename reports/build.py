@@ -10,8 +10,8 @@ controls' status, any warning that the samples are noise, then one row per claim
 from __future__ import annotations
 
 import itertools
-import json
 import math
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -22,8 +22,8 @@ import pandas as pd
 
 import diffablate.studies.workdir as workdir_layout  # dependency-free: the work-dir layout and study.json
 from diffablate.reports import figures, learning, repro, stats, timestep, verdicts
-from diffablate.reports.load import (HEADLINE_SCORES, PROMPTS_ARTIFACT, REAL_ARTIFACT, ReportError, StudyData,
-                                     axis_value, download_samples, load_study, log_report, parse_cell,
+from diffablate.reports.load import (HEADLINE_SCORES, REAL_ARTIFACT, ReportError, StudyData, axis_value,
+                                     download_samples, load_study, log_report, parse_cell, prompts_artifact,
                                      read_json_artifact, same_axis)
 from diffablate.reports.render import (Block, Bullets, Callout, Fig, Heading, Para, Table, fmt_value, to_html,
                                        to_markdown)
@@ -94,6 +94,8 @@ def build_report(study_name: str, tracking_uri: str, out_dir: Path, *, optuna_st
     blocks: list[Block] = [Heading(1, f"Study report: {study.study}")]
     blocks += _first_screen(study, judgement, pick)
     blocks += [Heading(2, "About this study"), Para(_overview(study))]
+    if judgement.baseline_bar.get("entries"):
+        blocks.append(Para(_bar_text(judgement.baseline_bar)))
     if notes:
         blocks.append(Bullets(notes))
     blocks += _controls_section(judgement)
@@ -186,12 +188,12 @@ def _first_screen(study: StudyData, j: verdicts.Judgement, pick: learning.Budget
     failed = [c for c in j.controls if c["status"] != "passed"]
     if j.instrument == "failed":
         out.append(Callout("danger", "THE INSTRUMENT FAILED: every verdict below is untrusted. " + "; ".join(
-            f"{c['role'].replace('-', ' ')} {c['name']} {c['status']} (wanted {c['want']}; got {c['agreement']})"
-            for c in failed) + "."))
+            f"{c['role'].replace('-', ' ')} {c['name']}: {c['agreement']} (wanted {c['want']})"
+            for c in failed if c["status"] == "failed") + "."))
     elif j.instrument == "unproven":
         out.append(Callout("danger", "The instrument is unproven: a control could not be evaluated, so every verdict "
-                                     "below is untrusted. " + "; ".join(f"{c['name']}: {c['agreement']}" for c in failed)
-                           + "."))
+                                     "below is untrusted. "
+                           + "; ".join(f"{c['name']}: {c['agreement']}" for c in failed) + "."))
     elif j.instrument == "passed":
         out.append(Callout("ok", "Controls passed: " + "; ".join(f"{c['role'].replace('-', ' ')} {c['name']} "
                                                                 f"({c['agreement']})" for c in j.controls) + "."))
@@ -200,14 +202,14 @@ def _first_screen(study: StudyData, j: verdicts.Judgement, pick: learning.Budget
                                    "known effect or rejects a null; read the verdicts with that in mind."))
     bar = j.baseline_bar
     if bar.get("below"):
-        ceiling = "" if math.isnan(bar["ceiling"]) else f" The oracle scores {bar['ceiling']:.3g} on real images."
-        out.append(Callout("danger", "SAMPLES ARE NOISE: this study says nothing about images. The baseline "
-                                     f"({bar['arm']}) has oracle accuracy " + ", ".join(
+        ceiling = "" if math.isnan(bar["ceiling"]) else f" The same oracle scores {bar['ceiling']:.3g} on real images."
+        out.append(Callout("danger", "SAMPLES ARE NOISE: this study says nothing about images. The baseline's "
+                                     f"{bar['label']} is " + ", ".join(
                                          f"{e['mean']:.3g} under {e['entry']}" for e in bar["below"])
                            + f", below the bar of {bar['bar']:g}.{ceiling}"))
     elif not bar.get("entries") and study.claims:
-        out.append(Callout("warn", "No oracle accuracy was logged: nothing shows the baseline's samples depict "
-                                   "their captions."))
+        out.append(Callout("warn", "No oracle (or class) accuracy was logged: nothing shows the baseline's samples "
+                                   "depict their captions."))
     if pick is not None:
         kind = "ok" if pick.picked is not None else "danger"
         out.append(Callout(kind, pick.why))
@@ -237,9 +239,11 @@ def _parent_tags(j: verdicts.Judgement, pick: learning.BudgetPick | None) -> dic
     """Verdicts on the parent run, so studies can be filtered and compared by them in MLflow."""
     tags = {"diffablate.instrument": j.instrument, "diffablate.trusted": j.trusted}
     for _, r in j.claims.iterrows():
-        tags[f"diffablate.verdict.{r['claim']}"] = str(r["verdict"])
-        tags[f"diffablate.agreement.{r['claim']}"] = str(r["agreement"])
-        tags[f"diffablate.effect.{r['claim']}"] = _effect_str(r)
+        # MLflow tag keys allow word characters, . - / : and space (and no ".." path tricks); map the rest to _.
+        key = re.sub(r"[^\w.\- ]", "_", str(r["claim"])).replace("..", "_")
+        tags[f"diffablate.verdict.{key}"] = str(r["verdict"])
+        tags[f"diffablate.agreement.{key}"] = str(r["agreement"])
+        tags[f"diffablate.effect.{key}"] = _effect_str(r)
     bar = j.baseline_bar
     if bar.get("entries"):
         tags["diffablate.baseline_bar"] = "below" if bar["below"] else "met"
@@ -263,6 +267,14 @@ def _overview(study: StudyData) -> str:
     return (design + f"Experiment `{study.study}`, parent run `{study.parent_run_id}`, spec hash `{spec}`. "
             f"{len(study.trials)} trials ({by_status}) over {study.trials['cell'].nunique()} design cells "
             f"and seeds {seeds}. Design axes: {axes}. Generated from MLflow alone by `diffablate report`.")
+
+
+def _bar_text(bar: dict[str, Any]) -> str:
+    ceiling = "not logged" if math.isnan(bar["ceiling"]) else f"{bar['ceiling']:.3g}"
+    return (f"Baseline quality bar: the baseline ({bar['arm']}) has seed-mean {bar['label']} " + ", ".join(
+        f"{e['mean']:.3g} under {e['entry']}" for e in bar["entries"]) + f" (bar {bar['bar']:g}; the oracle's "
+        f"ceiling, its accuracy on real images: {ceiling}). Below the bar, samples do not show what their captions "
+        "say, and no verdict about images means anything.")
 
 
 def _ci(lo: float, hi: float) -> str:
@@ -348,7 +360,8 @@ def _learning_section(study: StudyData, j: verdicts.Judgement, pick: learning.Bu
     out: list[Block] = [Heading(2, "Learning curve and the budget it picks"),
                         Para(f"Budgets {pick.budgets}. Rule: {learning.RULE}"), Para(pick.why)]
     stem = figures.learning_curves(pick.curves, list(HEADLINE_SCORES), list(study.panel.entries), fig_dir,
-                                   bar=verdicts.ORACLE_BAR, ceiling=j.baseline_bar.get("ceiling"), picked=pick.picked)
+                                   bar=verdicts.ORACLE_BAR, ceiling=j.baseline_bar.get("ceiling"), picked=pick.picked,
+                                   bar_score=j.baseline_bar.get("score", "oracle_acc"))
     if stem is None:
         out.append(Para("No panel score was logged at the budgets; there is no curve to draw."))
     else:
@@ -441,7 +454,8 @@ def _dynamics_section(study: StudyData, fig_dir: Path) -> tuple[timestep.RatioTa
         out.append(Para("No trial logged `train_loss`/`heldout_loss` series."))
     else:
         out.append(Fig(stem, "Training and held-out loss against training step per design cell, completed trials "
-                             "(95 % t-CI across seeds; on a log axis a band that reaches 0 is cut at the chart's edge)."))
+                             "(95 % t-CI across seeds; on a log axis a band that reaches 0 is cut at the chart's "
+                             "edge)."))
     return table, out
 
 
@@ -451,8 +465,8 @@ def _timestep_caption(table: timestep.RatioTable) -> str:
     if match == "no data":
         return base
     return (base + " Lower panels: loss relative to uniform, per seed, with its 95 % t-CI. What the data show "
-            "(paired by seed, Holm across buckets): " + "; ".join(sentences) + ". Against " + timestep.HYPOTHESIS +
-            ": " + timestep.VERDICT_TEXT[match])
+            "(paired by seed, Holm across buckets): " + "; ".join(sentences) + ". The article's hypothesis is that " +
+            timestep.HYPOTHESIS + ". " + timestep.VERDICT_TEXT[match])
 
 
 def _scores_section(study: StudyData, fig_dir: Path, learning_curve: bool) -> list[Block]:
@@ -482,32 +496,32 @@ def _samples_section(study: StudyData, fig_dir: Path) -> list[Block]:
     rows = rows[:SAMPLE_CELLS]
     run_ids = [rid for _, cols in rows for rid, _ in cols]
     with tempfile.TemporaryDirectory(prefix="diffablate-samples-") as tmp:
-        images = download_samples(study, run_ids, Path(tmp))
-        real = download_samples(study, [study.parent_run_id, *run_ids], Path(tmp) / "real", REAL_ARTIFACT)
-        real_path = real.get(study.parent_run_id) or next(iter(real.values()), None)
-        stem = figures.sample_grids(images, rows, fig_dir, real_path)
+        found = download_samples(study, run_ids, Path(tmp))
+        real = download_samples(study, [study.parent_run_id, *run_ids], Path(tmp) / "real", [REAL_ARTIFACT])
+        real_path = (real.get(study.parent_run_id) or next(iter(real.values()), (None, "")))[0]
+        stem = figures.sample_grids({rid: path for rid, (path, _) in found.items()}, rows, fig_dir, real_path)
     if stem is None:
-        return out + [Para("No trial logged `samples/final.png`.")]
-    lacking = len(run_ids) - len(images)
+        return out + [Para("No trial logged a sample grid (`samples/eval_<entry>.png` or `samples/final.png`).")]
+    kinds = sorted({artifact for _, artifact in found.values()})
+    lacking = len(run_ids) - len(found)
     note = f" {lacking} of the {len(run_ids)} chosen runs had no sample grid." if lacking else ""
     real_note = (" The first row is real images for the same prompts." if real_path is not None else
-                 " No real-image grid (`samples/real.png`) was logged.")
-    out.append(Fig(stem, f"Final samples per design cell (rows) for up to {SAMPLE_SEEDS} seeds (columns); every grid "
-                         "uses the same prompts and sampling seeds." + real_note + note))
+                 f" No real-image grid (`{REAL_ARTIFACT}`) was logged.")
+    out.append(Fig(stem, f"Samples per design cell (rows) for up to {SAMPLE_SEEDS} seeds (columns), from "
+                         + ", ".join(f"`{k}`" for k in kinds) + "; every grid uses the same prompts and initial noise."
+                         + real_note + note))
     prompts = None
-    for rid in run_ids:
-        got = read_json_artifact(study, rid, PROMPTS_ARTIFACT)
-        if isinstance(got, dict) and isinstance(got.get("prompts"), list):
-            prompts = got
+    for rid, (_, artifact) in found.items():
+        got = read_json_artifact(study, rid, prompts_artifact(artifact))
+        got = got.get("prompts") if isinstance(got, dict) else got  # the trainer's file wraps the list
+        if isinstance(got, list):
+            prompts = [str(p) for p in got]
             break
     if prompts is not None:
-        how = ", ".join(f"{k} {prompts[k]}" for k in ("sampler", "steps", "guidance_scale", "seed") if k in prompts)
-        out.append(Para("Prompts, in grid order (left to right, then down, 4 per row)" + (f"; {how}" if how else "")
-                        + ":"))
-        out.append(Table(pd.DataFrame({"#": range(1, len(prompts["prompts"]) + 1),
-                                       "prompt": [str(p) for p in prompts["prompts"]]})))
+        out.append(Para("Prompts, in grid order (left to right, then down, 4 per row):"))
+        out.append(Table(pd.DataFrame({"#": range(1, len(prompts) + 1), "prompt": prompts})))
     else:
-        out.append(Para("No `samples/prompts.json` was logged; the grids' prompts are unknown."))
+        out.append(Para("No prompts file was logged beside the grids; their prompts are unknown."))
     return out
 
 

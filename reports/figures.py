@@ -113,7 +113,7 @@ def effects_forest(rows: pd.DataFrame, out_dir: Path) -> str | None:
     entries = list(dict.fromkeys(rows["entry"]))
     markers = dict(zip(entries, ENTRY_MARKERS * 2))
     step = 0.7 / max(1, len(entries))
-    height = 1.6 + 0.3 * len(claims) * max(1, min(len(entries), 4))
+    height = 1.8 + len(claims) * (0.3 + 0.1 * min(len(entries), 6))
     with theme():
         fig = Figure(figsize=(3.4 * len(metrics) + 2.2, height), layout="constrained")
         axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
@@ -280,7 +280,10 @@ def step_curves(steps: pd.DataFrame, out_dir: Path, hue: pd.Series | None = None
     """
     if steps.empty:
         return None
-    metrics = [m for m in ("train_loss", "heldout_loss") if m in set(steps["metric"])]
+    metrics = [m for m in ("train_loss", "heldout_loss")
+               if steps.loc[steps["metric"] == m, "value"].nunique() > 1]  # empty or constant: no panel
+    if not metrics:
+        return None
     if hue is not None and style is not None:
         # Columns named after the axes, so seaborn's legend sub-titles read "conditioning", "timestep_sampler".
         hue_col, style_col = str(hue.name), str(style.name)
@@ -380,10 +383,11 @@ def fid_bootstrap(trials: pd.DataFrame, entries: list[str], out_dir: Path) -> st
 
 
 def learning_curves(curves: pd.DataFrame, scores: list[str], entries: list[str], out_dir: Path,
-                    bar: float | None = None, ceiling: float | None = None, picked: int | None = None) -> str | None:
+                    bar: float | None = None, ceiling: float | None = None, picked: int | None = None,
+                    bar_score: str = "oracle_acc") -> str | None:
     """Each panel score against the training budget, one line per panel entry: seed mean, 95 % t-CI band,
     a marker at every budget. Scores with no data or one constant value get no panel."""
-    shown = [s for s in scores if (curves["score"] == s).any() and curves.loc[curves["score"] == s, "value"].nunique() > 1]
+    shown = [s for s in scores if curves.loc[curves["score"] == s, "value"].nunique() > 1]  # not empty or constant
     if not shown:
         return None
     ncol = min(3, len(shown))
@@ -396,13 +400,13 @@ def learning_curves(curves: pd.DataFrame, scores: list[str], entries: list[str],
         axes = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False).ravel())
         for ax, score in zip(axes, shown):
             d = curves[curves["score"] == score]
-            sns.lineplot(data=d, x="budget", y="value", hue="entry", hue_order=[e for e in entries if e in set(d["entry"])],
-                         palette=colours, errorbar=t_errorbar(), marker="o", markersize=5, ax=ax,
-                         legend=ax is axes[0])
-            if score == "oracle_acc" and bar is not None:
+            sns.lineplot(data=d, x="budget", y="value", hue="entry",
+                         hue_order=[e for e in entries if e in set(d["entry"])], palette=colours,
+                         errorbar=t_errorbar(), marker="o", markersize=5, ax=ax, legend=ax is axes[0])
+            if score == bar_score and bar is not None:
                 ax.axhline(bar, color="0.2", lw=0.9, ls="--")
                 ax.annotate(f"bar {bar:g}", (budgets[0], bar), fontsize="x-small", va="bottom")
-            if score == "oracle_acc" and ceiling is not None and not math.isnan(ceiling):
+            if score == bar_score and ceiling is not None and not math.isnan(ceiling):
                 ax.axhline(ceiling, color=_C[2], lw=0.9, ls=":")
                 ax.annotate(f"ceiling {ceiling:.3g}", (budgets[0], ceiling), fontsize="x-small", va="top")
             if picked is not None:
@@ -470,7 +474,7 @@ def sample_grids(images: dict[str, Path], rows: list[tuple[str, list[tuple[str, 
 def interaction_heatmaps(trials: pd.DataFrame, a: str, b: str, metrics: list[str], out_dir: Path) -> str | None:
     """Mean of each metric over two design axes (a factorial's interaction), annotated with mean and n."""
     done = trials[trials["status"] == "COMPLETE"]
-    metrics = [m for m in metrics if m in done and done[m].notna().any()]
+    metrics = [m for m in metrics if m in done and done[m].nunique() > 1]  # empty or constant: nothing to show
     if not metrics:
         return None
     ncol = min(2, len(metrics))

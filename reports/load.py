@@ -40,7 +40,7 @@ PLAIN_METRICS = ("final_train_loss", "final_heldout_loss", "oracle_ceiling", "cl
 # Per-bucket UI copies of timestep_loss.json, raw per-step series and MLflow system metrics are not "final".
 _NOT_FINAL = re.compile(r"^heldout_loss_b\d+|^(train_loss|heldout_loss|lr|img_per_s)$|^system/")
 TIMESTEP_ARTIFACT = "timestep_loss.json"
-SAMPLES_ARTIFACT = "samples/final.png"
+SAMPLES_ARTIFACT = "samples/final.png"  # the trainer's last fixed-prompt grid (its prompts: samples/prompts.json)
 PROMPTS_ARTIFACT = "samples/prompts.json"
 REAL_ARTIFACT = "samples/real.png"  # a grid of real images for the same prompts, where studies/ logs one
 CLAIMS_ARTIFACT = "claims.json"
@@ -396,16 +396,36 @@ def _panel_from_params(params: dict[str, str]) -> tuple[list[str], str | None, d
     return entries, primary, {}
 
 
+def sample_artifacts(study: StudyData) -> list[str]:
+    """Where a trial's sample grid may be, best first: the evaluation grid of the primary panel entry (what
+    was scored; a learning curve's at its last budget), then the trainer's final grid."""
+    primary = study.panel.primary
+    out = []
+    if primary:
+        out.append(f"samples/eval_{primary}.png")
+        steps = sorted(int(s) for s in study.histories["step"].unique()) if len(study.histories) else []
+        out += [f"samples/eval_{primary}_step{s:06d}.png" for s in reversed(steps) if s > 0][:1]
+    return out + [SAMPLES_ARTIFACT]
+
+
+def prompts_artifact(image: str) -> str:
+    """The prompts beside a grid: ``samples/eval_<entry>_prompts.json`` (a list) for an evaluation grid,
+    ``samples/prompts.json`` (``{"prompts": [...]}``) for the trainer's."""
+    return PROMPTS_ARTIFACT if image == SAMPLES_ARTIFACT else image.removesuffix(".png") + "_prompts.json"
+
+
 def download_samples(study: StudyData, run_ids: list[str], dest: Path,
-                     artifact: str = SAMPLES_ARTIFACT) -> dict[str, Path]:
-    """Download ``artifact`` (default ``samples/final.png``) of each run into ``dest/<run_id>/``; runs without
-    one are left out."""
+                     artifacts: list[str] | None = None) -> dict[str, tuple[Path, str]]:
+    """Download the first of ``artifacts`` (default `sample_artifacts`) each run has into ``dest/<run_id>/``:
+    run_id -> (local path, artifact path); runs with none are left out."""
     client = MlflowClient(tracking_uri=study.tracking_uri)
-    out: dict[str, Path] = {}
+    out: dict[str, tuple[Path, str]] = {}
     for rid in run_ids:
-        local = _download(client, rid, artifact, dest / rid)
-        if local is not None:
-            out[rid] = local
+        for artifact in artifacts or sample_artifacts(study):
+            local = _download(client, rid, artifact, dest / rid)
+            if local is not None:
+                out[rid] = (local, artifact)
+                break
     return out
 
 

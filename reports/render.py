@@ -87,6 +87,11 @@ def fmt_value(value: Any) -> str:
     return str(value)
 
 
+def _alt(caption: str) -> str:
+    """A figure's alt text: its caption's first sentence (the caption itself follows the figure)."""
+    return caption.split(". ", 1)[0].rstrip(".")
+
+
 def _cells(table: Table) -> tuple[list[str], list[list[str]]]:
     cols = [str(c) for c in table.frame.columns]
     rows = [[table.formats.get(c, fmt_value)(v) for c, v in zip(cols, rec)]
@@ -111,7 +116,7 @@ def to_markdown(blocks: list[Block], fig_dir: str = "figures") -> str:
             lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
             out.append("\n".join(lines))
         elif isinstance(b, Fig):
-            out.append(f"![{b.caption}]({fig_dir}/{b.stem}.png)\n\n*{b.caption}* ([SVG]({fig_dir}/{b.stem}.svg))")
+            out.append(f"![{_alt(b.caption)}]({fig_dir}/{b.stem}.png)\n\n*{b.caption}* ([SVG]({fig_dir}/{b.stem}.svg))")
         elif isinstance(b, Callout):
             mark = {"danger": "⛔ ", "warn": "⚠ ", "ok": "✅ "}.get(b.kind, "")
             out.append("\n".join(f"> {mark if i == 0 else ''}{line}" for i, line in enumerate(b.text.split("\n"))))
@@ -125,27 +130,28 @@ def _inline(text: str) -> str:
     s = html.escape(text, quote=True)
     s = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", s)
     s = re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+    s = re.sub(r"(?<![*\w])\*([^*\s][^*]*?)\*(?![*\w])", r"<em>\1</em>", s)
     # [text](url): only web and in-page links (the MLflow UI's); anything else stays text.
     return re.sub(r"\[([^\]]+)\]\(((?:https?://|#)[^)\s]*)\)", r'<a href="\2">\1</a>', s)
 
 
 _CSS = """
 *{box-sizing:border-box}
-body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:80rem;margin:1.2rem auto;padding:0 1rem;
-color:#222;line-height:1.45}
-h1{font-size:1.5rem;margin:0.2rem 0 0.6rem} h2{margin-top:2rem;border-bottom:1px solid #ddd}
-.scroll{overflow-x:auto;max-width:100%}
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:80rem;margin:0.6rem auto;padding:0 1rem;
+color:#222;line-height:1.4}
+h1{font-size:1.35rem;margin:0.2rem 0 0.4rem} h2{margin-top:2rem;border-bottom:1px solid #ddd}
+.scroll{overflow-x:auto;max-width:100%} .scroll td:last-child{min-width:16rem}
 table{border-collapse:collapse;margin:0.8rem 0;font-size:0.9rem}
 th,td{border:1px solid #ccc;padding:0.25rem 0.5rem;text-align:left;vertical-align:top}
 th{background:#f2f2f2} tr:nth-child(even) td{background:#fafafa}
-table.box{width:100%;font-size:0.95rem} table.box td{overflow-wrap:anywhere}
-table.box td:nth-child(2){white-space:nowrap}
+table.box{width:100%;font-size:0.88rem;line-height:1.3;margin:0.4rem 0}
+table.box td,table.box th{padding:0.15rem 0.45rem;overflow-wrap:anywhere} table.box td:nth-child(2){white-space:nowrap}
 figure{margin:1.2rem 0} figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-style:italic;color:#444} code{background:#f4f4f4;padding:0 0.2rem}
 pre{background:#f6f6f6;padding:0.6rem;overflow-x:auto;font-size:0.85rem}
 details{margin:0.6rem 0} summary{cursor:pointer;font-weight:600}
-.callout{border-left:6px solid #888;padding:0.5rem 0.8rem;margin:0.6rem 0;background:#f6f6f6}
-.callout p{margin:0.2rem 0}
+.callout{border-left:6px solid #888;padding:0.3rem 0.7rem;margin:0.4rem 0;background:#f6f6f6;font-size:0.92rem}
+.callout p{margin:0.1rem 0}
 .callout.danger{border-color:#b3261e;background:#fdecea;font-weight:600}
 .callout.warn{border-color:#b26a00;background:#fff4e0}
 .callout.ok{border-color:#00704a;background:#e8f5ee}
@@ -182,7 +188,7 @@ def to_html(blocks: list[Block], title: str, fig_dir: Path) -> str:
             out.append(f'<div class="scroll">{table}</div>' if b.wide else table)
         elif isinstance(b, Fig):
             data = base64.b64encode((fig_dir / f"{b.stem}.png").read_bytes()).decode("ascii")
-            out.append(f'<figure><img alt="{html.escape(b.caption)}" src="data:image/png;base64,{data}">'
+            out.append(f'<figure><img alt="{html.escape(_alt(b.caption))}" src="data:image/png;base64,{data}">'
                        f"<figcaption>{_inline(b.caption)}</figcaption></figure>")
         elif isinstance(b, Callout):
             paras = "".join(f"<p>{_inline(line)}</p>" for line in b.text.split("\n"))

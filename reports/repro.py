@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from diffablate.metrics.names import parse_entry
 from diffablate.reports.load import CONFIG_ARTIFACT, StudyData, read_json_artifact
 from diffablate.reports.render import Block, Bullets, Code, Heading, Para, Table
 
@@ -99,8 +100,9 @@ def section(study: StudyData, reference_run: str | None, ui: str | None, command
     if "diffablate.command" in cmd:
         items.append(f"The study was run with: `{cmd['diffablate.command']}`.")
     else:
+        source = f"; MLflow's source name is `{cmd['mlflow.source.name']}`" if cmd else ""
         items.append("Run the study again: `diffablate study run SPEC.toml` with the spec below (the store records "
-                     "no command line" + (f"; MLflow's source name is `{cmd['mlflow.source.name']}`" if cmd else "") + ").")
+                     f"no command line{source}).")
     items.append(f"Spec hash `{study.parent_tags.get('diffablate.spec_hash', '–')}`; experiment "
                  f"`{study.study}` (id {study.experiment_id}); parent run {run_link(study, study.parent_run_id, ui)}.")
     git = _first(study, GIT_TAGS, runs)
@@ -118,9 +120,10 @@ def section(study: StudyData, reference_run: str | None, ui: str | None, command
     out.append(Bullets(items))
     panel = study.panel
     if panel.entries:
-        flags = sorted({f for e in panel.entries for f in panel.flags.get(e, {})})
-        rows = [{"entry": e + (" (primary)" if e == panel.primary else ""),
-                 **{f: _flag(panel.flags.get(e, {}).get(f)) for f in flags}} for e in panel.entries]
+        of = {e: _entry_flags(panel.flags, e) for e in panel.entries}
+        flags = sorted({f for e in panel.entries for f in of[e]})
+        rows = [{"entry": e + (" (primary)" if e == panel.primary else ""), **{f: _flag(of[e].get(f)) for f in flags}}
+                for e in panel.entries]
         out += [Para(f"Sampling panel (from {panel.source})" +
                      ("; scheduler flags as logged:" if flags else "; no scheduler flags were logged.")),
                 Table(pd.DataFrame(rows), wide=True)]
@@ -137,6 +140,16 @@ def section(study: StudyData, reference_run: str | None, ui: str | None, command
         if config_text:
             out.append(Code(f"Resolved config of trial run {reference_run[:8]} ({where})", config_text, "json"))
     return out
+
+
+def _entry_flags(flags: dict[str, dict[str, Any]], entry: str) -> dict[str, Any]:
+    """An entry's scheduler flags: keyed by entry, or (as studies/ logs them) by the entry's sampler."""
+    if entry in flags:
+        return flags[entry]
+    try:
+        return flags.get(parse_entry(entry)[0], {})
+    except ValueError:
+        return {}
 
 
 def _flag(value: Any) -> str:

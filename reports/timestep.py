@@ -13,8 +13,8 @@ import pandas as pd
 from diffablate.reports.stats import ALPHA, contrast, holm
 
 REFERENCE = "uniform"
-HYPOTHESIS = ("the article's hypothesis: drawing timesteps other than uniformly leaves some of them under-trained, "
-              "so a non-uniform sampler's held-out loss is higher than uniform's at the timesteps it neglects")
+HYPOTHESIS = ("drawing timesteps other than uniformly leaves some of them under-trained, so a non-uniform "
+              "sampler's held-out loss is higher than uniform's at the timesteps it neglects")
 
 
 def last_eval(timestep: pd.DataFrame) -> pd.DataFrame:
@@ -95,8 +95,12 @@ def findings(table: RatioTable, reference: str = REFERENCE, limit: int = 6) -> t
             sides.add(-1)
         body = "; ".join(parts) if parts else f"no bucket differs clearly from {reference}"
         mean = float(g["mean"].mean())
-        where = f" [{fac}]" if fac else ""
+        where = " [" + ", ".join(p.removeprefix("axes.") for p in fac.split(",")) + "]" if fac else ""
         n = int(g["n"].max())
+        if n < 2:
+            body = f"one seed only, no test (mean ratio {mean:.3g})"
+            sentences.append(f"{name}{where}: {body}")
+            continue
         sentences.append(f"{name}{where}: {body}; mean ratio {mean:.3g} (n = {n} seeds)")
     match = {frozenset({1}): "matches", frozenset({-1}): "opposite", frozenset({1, -1}): "mixed"}.get(
         frozenset(sides), "no difference")

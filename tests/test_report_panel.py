@@ -52,7 +52,7 @@ def _arm(cell: str) -> dict:
 CLAIMS = [
     {"name": "null", "statement": "The baseline against a replicate of itself.", "metric": "oracle_acc",
      "baseline": {**BASE, "replicate": 0}, "variant": {**BASE, "replicate": 1}, "better": "higher",
-     "expect": "baseline_better", "margin": None, "panel": None, "role": "null-control"},
+     "expect": "no_difference", "margin": None, "panel": None, "role": "null-control"},
     {"name": "text-matters", "statement": "Without text the images cannot match their captions.",
      "metric": "oracle_acc", "baseline": _arm("B"), "variant": _arm("none"), "better": "higher",
      "expect": "baseline_better", "margin": None, "panel": None, "role": "positive-control"},
@@ -126,9 +126,10 @@ def make_panel_store(workdir: Path, study: str, broken: bool = False) -> str:
         "mlflow.source.git.commit": COMMIT, "diffablate.command": f"diffablate study run {study}.toml",
         "diffablate.versions": json.dumps({"torch": "2.11.0", "diffusers": "0.42.1", "mlflow": "3.17.2"})}).info.run_id
     client.log_dict(parent, CLAIMS, "claims.json")
-    client.log_dict(parent, {"entries": list(ENTRIES), "primary": "ddim-g3",
-                             "flags": {e: {"clip_sample": False, "timestep_spacing": "trailing",
-                                           "eta": 0.0 if e.startswith("ddim") else None} for e in ENTRIES}},
+    # As studies/ writes it: flags keyed by sampler, not by entry.
+    client.log_dict(parent, {"entries": list(ENTRIES), "primary": "ddim-g3", "steps": 25, "n_samples": 512,
+                             "flags": {"ddim": {"clip_sample": False, "timestep_spacing": "trailing", "eta": 0.0},
+                                       "ddpm": {"clip_sample": False, "timestep_spacing": "trailing"}}},
                     "panel.json")
     client.log_text(parent, f'name = "{study}"\nseeds = [0, 1, 2]\n', "study_spec.toml")
     client.log_artifact(parent, str(_png(workdir / "tmp" / "real.png", (250, 20, 20))), "samples")
@@ -163,11 +164,12 @@ def make_panel_store(workdir: Path, study: str, broken: bool = False) -> str:
                              tags=[RunTag("mlflow.source.git.commit", COMMIT)])
             if not failed:
                 client.log_dict(rid, {"seed": seed, "eval": {"sampler": "ddim", "guidance_scale": 3.0}}, "config.json")
+                # The primary entry's evaluation grid and its captions, as studies/evaluate.py logs them.
                 shade = 40 * list(CELLS).index(cell)
-                client.log_artifact(rid, str(_png(workdir / "tmp" / str(number) / "final.png",
+                client.log_artifact(rid, str(_png(workdir / "tmp" / str(number) / "eval_ddim-g3.png",
                                                   (shade, 255 - shade, 60 * seed))), "samples")
-                client.log_dict(rid, {"prompts": ["a red circle", "a blue square above a green triangle"], "seed": 1234,
-                                      "sampler": "ddim", "steps": 25, "guidance_scale": 3.0}, "samples/prompts.json")
+                client.log_dict(rid, ["a red circle", "a blue square above a green triangle"],
+                                "samples/eval_ddim-g3_prompts.json")
             client.set_terminated(rid, "FAILED" if failed else "FINISHED")
             number += 1
     client.set_terminated(parent, "FINISHED")
@@ -196,7 +198,7 @@ def _rows(result, claim: str) -> pd.DataFrame:
 def test_panel_is_read_from_panel_json(good) -> None:
     data = load_study("panel", good[1])
     assert data.panel.entries == ENTRIES and data.panel.primary == "ddim-g3"
-    assert data.panel.flags["ddim-g3"]["timestep_spacing"] == "trailing"
+    assert data.panel.flags["ddim"]["timestep_spacing"] == "trailing"
     assert {f"oracle_acc/{e}" for e in ENTRIES} <= set(data.trials.columns)
     assert "oracle_ceiling" in data.trials.columns and not any(c.startswith("system/") for c in data.trials.columns)
     assert set(data.histories["step"]) == {10, 20}  # FID was logged at two steps
@@ -208,7 +210,8 @@ def test_a_claim_is_judged_under_every_entry_and_the_split_is_reported(good) -> 
                                          "ddpm-g1": "supported", "ddpm-g3": "supported"}
     claim = good[2].claims.set_index("claim").loc["seq-worse"]
     assert claim["verdict"] == "mixed"
-    assert claim["agreement"] == "inconclusive under ddim-g1; contradicted under ddim-g3; supported under ddpm-g1, ddpm-g3"
+    assert claim["agreement"] == ("inconclusive under ddim-g1; contradicted under ddim-g3; "
+                                  "supported under ddpm-g1, ddpm-g3")
     assert claim["entry"] == "ddim-g3"  # the numbers shown are the primary entry's
 
 
@@ -221,7 +224,8 @@ def test_non_inferiority_uses_the_margin_not_superiority(good) -> None:
     # One-sided p of H0 "worse by >= margin": t = (margin - effect) / se, df = n - 1.
     se = r["sd"] / math.sqrt(r["n_pairs"])
     assert r["p_value"] == pytest.approx(sps.t.sf((2.0 - r["effect"]) / se, r["n_pairs"] - 1), rel=1e-9)
-    assert tight.loc["ddpm-g3", "verdict"] == "inconclusive" and "straddles the margin 0.1" in tight.loc["ddpm-g3", "reason"]
+    assert tight.loc["ddpm-g3", "verdict"] == "inconclusive"
+    assert "straddles the margin 0.1" in tight.loc["ddpm-g3", "reason"]
 
 
 def test_degenerate_constant_and_failed_arms(good) -> None:
@@ -279,14 +283,14 @@ def test_first_screen_holds_every_verdict(good, broken) -> None:
         box = html.index('<table class="box">')
         assert box < html.index("<figure") and box < html.index("<h2")  # nothing tall comes before the box
         box_html = html[box:html.index("</table>", box)]
-        assert all(f">{c['claim']}<" in box_html or f": {c['claim']}<" in box_html for c in res.claims.to_dict("records"))
+        assert all(f">{c}<" in box_html or f": {c}<" in box_html for c in res.claims["claim"])
         assert all(c["verdict"] in box_html for c in res.claims.to_dict("records"))
 
 
 def test_failed_control_marks_every_verdict_untrusted(broken) -> None:
     workdir, uri, res = broken
     assert res.instrument == "failed"
-    claims = pd.read_csv(res.out_dir / "claims.csv")
+    claims = pd.read_csv(res.out_dir / "claims.csv", keep_default_na=False)  # a claim named "null" stays a name
     assert set(claims["trust"]) == {"no"}
     assert claims.set_index("claim").loc["null", "verdict"] == "control FAILED"
     md = (res.out_dir / "report.md").read_text()
@@ -320,18 +324,26 @@ def test_reproducibility_block_and_figures(good) -> None:
     figs = {p.stem for p in (res.out_dir / "figures").glob("*.png")}
     assert {"effects_forest", "claims", "samples", "fid_steps", "fid_bootstrap", "steps"} <= figs
     assert "a blue square above a green triangle" in md and "real images for the same prompts" in md
+    assert "`samples/eval_ddim-g3.png`" in md  # the scored grid, not the trainer's
     # A constant metric gets no panel in the forest plot.
     forest_metrics = set(res.verdicts.loc[res.verdicts["status"] != "constant", "metric"])
     assert "class_acc" not in forest_metrics
 
 
-def test_links_use_the_mlflow_ui_route(good, tmp_path: Path) -> None:
-    workdir, uri, _ = good
-    res = build_report("panel", uri, tmp_path / "rep", log_to_mlflow=False, mlflow_ui="http://127.0.0.1:5000")
-    data = load_study("panel", uri)
-    html = (res.out_dir / "report.html").read_text()
+def test_links_use_the_mlflow_ui_route(good) -> None:
+    from diffablate.reports.render import Para, to_html
+    from diffablate.reports.repro import run_link, ui_address
+
+    data = load_study("panel", good[1])
     rid = data.trials["run_id"].iloc[0]
+    link = run_link(data, rid, ui_address(data, "http://127.0.0.1:5000"))
+    html = to_html([Para(link)], "t", Path("."))
     assert f'<a href="http://127.0.0.1:5000/#/experiments/{data.experiment_id}/runs/{rid}">{rid[:8]}</a>' in html
+    # A SQLite store has no UI of its own: the route is written out as code, not as a dead link.
+    assert run_link(data, rid, ui_address(data, None)) == f"`#/experiments/{data.experiment_id}/runs/{rid}`"
+    served = dataclasses.replace(data, tracking_uri="http://mlflow.example:5000")
+    assert run_link(served, rid, ui_address(served, None)).endswith(f"(http://mlflow.example:5000/#/experiments/"
+                                                                     f"{data.experiment_id}/runs/{rid})")
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
