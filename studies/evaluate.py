@@ -178,6 +178,9 @@ def evaluate_trained(trained: Any, cfg: RunConfig, *, n: int | None = None, devi
     if tracker is not None:
         tracker.log_dict(flags, "samplers.json")
         tracker.log_params({f"sampler.{name}.{k}": v for name, f in flags.items() for k, v in f.items()})
+    if tracker is not None and grid_dir is not None:  # the real images behind the same captions, for the report
+        idx = [i % len(heldout) for i in range(min(16, n))]
+        _log_grid(tracker, heldout.images[idx], captions[:16], grid_dir / "real.png")
     for sampler, guidance in cfg.eval.panel():
         entry = entry_name(sampler, guidance)
         images = generate_samples(trained, cfg, captions, device, sampler=sampler, guidance=guidance)

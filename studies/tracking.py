@@ -273,11 +273,14 @@ def get_or_create_experiment(tracking_uri: str, name: str, *, workdir: str | Pat
 
 def start_run(tracking_uri: str, experiment: str, run_name: str, parent_run_id: str | None = None,
               tags: Mapping[str, str] | None = None, *, workdir: str | Path | None = None) -> str:
-    """Create a RUNNING run (a child of `parent_run_id` when given) and return its id."""
+    """Create a RUNNING run (a child of `parent_run_id` when given) and return its id. Every run carries its
+    provenance (studies/provenance.py: command, commit, package versions, hardware) beside `tags`."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+    from diffablate.studies.provenance import provenance_tags
+
     exp_id = get_or_create_experiment(tracking_uri, experiment, workdir=workdir)
-    all_tags = {k: str(v) for k, v in (tags or {}).items()}
+    all_tags = {k: str(v) for k, v in {**provenance_tags(), **(tags or {})}.items()}
     if parent_run_id is not None:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     run = client(tracking_uri).create_run(exp_id, run_name=run_name, tags=all_tags)

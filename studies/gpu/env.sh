@@ -2,6 +2,7 @@
 # Installs the carried wheels once per machine (what a call installs under /tmp stays while it is warm),
 # makes this checkout importable as `diffablate`, and keeps every cache under /tmp.
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg DIFFABLATE_CACHE=/tmp/dcache TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+[ -f .commit ] && export DIFFABLATE_COMMIT=$(cut -d" " -f1 .commit) DIFFABLATE_DIRTY=$(cut -d" " -f2 .commit)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if [ ! -f /tmp/site/.installed ]; then
   [ -d .whl ] || { echo "env.sh: no .whl here and none installed" >&2; exit 1; }
