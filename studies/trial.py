@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,7 @@ def train_and_evaluate_pack(runs: list[TrialRun]) -> list[Callable[[], dict[str,
     scorers = [_MilestoneScorer(run) for run in runs]
     members = [PackMember(run.cfg, run.run_dir, run.tracker, resume=True, on_eval=run.on_eval, **sc.train_kwargs())
                for run, sc in zip(runs, scorers)]
-    results = train_pack(members)
+    results = train_pack(members, log=lambda msg: print(f"pack: {msg}", file=sys.stderr, flush=True))
 
     def finals(scorer: _MilestoneScorer, result: Any) -> Callable[[], dict[str, float]]:
         def score() -> dict[str, float]:
@@ -99,9 +100,13 @@ class _MilestoneScorer:
 
         run = self.run
         device = next(trained.denoiser.parameters()).device
+        t0 = time.perf_counter()
         scores = evaluate_trained(trained, run.cfg, device=device, tracker=run.tracker, step=step, grid_dir=run.run_dir)
         run.tracker.log_metrics(scores, step=step)
         self.latest = dict(scores)
+        oracle = {k.split("/")[1]: round(v, 3) for k, v in scores.items() if k.startswith("oracle_acc/")}
+        print(f"trial {run.trial_number} ({run.cell.label}, seed {run.seed}): step {step} scored in "
+              f"{time.perf_counter() - t0:.0f} s" + (f"; oracle {oracle}" if oracle else ""), file=sys.stderr, flush=True)
 
     def finals(self, result: Any) -> dict[str, float]:
         from diffablate.studies.evaluate import evaluate_run
