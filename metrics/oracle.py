@@ -86,7 +86,8 @@ from diffablate.models.config import DataConfig
 from diffablate.models.data import BACKGROUND, COLOURS, PAIR_EXTENT, SHAPES, SIZES, build_dataset, render_scene
 from diffablate.models.registry import Registry
 
-ORACLE_VERSION = 2  # bump when a rule or threshold changes: ceilings measured under another version differ
+# Bump when a rule or threshold changes; log it with oracle scores (v1, the lenient oracle, scored differently).
+ORACLE_VERSION = 2
 
 _NAMES = list(COLOURS)
 _BG = torch.tensor(BACKGROUND, dtype=torch.float32)
@@ -378,7 +379,7 @@ def decode(images: torch.Tensor) -> list[DecodedImage]:
 
 
 def _separated(a: DecodedObject, b: DecodedObject, axis: str) -> bool:
-    """Does a's span along `axis` end (up to the tolerance) before b's begins?"""
+    """Does a's span along `axis` end at least RELATION_MIN_GAP before b's begins?"""
     pa, pb = (a.x, b.x) if axis == "x" else (a.y, b.y)
     return (pb - b.extent / 2) - (pa + a.extent / 2) >= RELATION_MIN_GAP
 
