@@ -129,6 +129,7 @@ _AREA_PER_R2 = {"circle": math.pi, "square": 4.0, "triangle": 2.0}  # area / rad
 _PLANE = np.zeros((3, 3, 3), dtype=bool)
 _PLANE[1] = True  # 8-connectivity within an image, none across the batch axis
 _CHUNK = 512  # objects fitted at once (memory: chunk x 3 shapes x (4H x 4W) booleans)
+_BATCH = 1024  # images decoded at once: ~70 bytes of maps per pixel, ~300 MB at 64 px
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,8 @@ def decode(images: torch.Tensor) -> list[DecodedImage]:
     """Decode uint8 images [N, 3, H, W] into their objects (see the module docstring)."""
     _check_images(images)
     images = images.cpu()
+    if len(images) > _BATCH:  # bounded memory (int64 maps per pixel); images decode independently
+        return [d for i in range(0, len(images), _BATCH) for d in decode(images[i:i + _BATCH])]
     n, _, h, w = images.shape
     if n == 0:
         return []
