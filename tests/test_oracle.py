@@ -90,6 +90,11 @@ def test_false_positive_rate_per_corruption(rates32, name):
     assert low <= rate <= high, f"{name}: {rate:.3f} of corrupted images still match (bounds {low}-{high})"
 
 
+def test_unknown_corruptions_fail_loudly():
+    with pytest.raises(KeyError, match="unknown corruption 'smudge'; choose one of"):
+        false_positive_rates(32, n=4, names=["smudge"])
+
+
 def test_content_corruptions_are_refused_at_16px():
     rates = false_positive_rates(16, n=200, seed=13, names=["colour-swap", "duplicate", "extra-offpalette",
                                                             "object-cut", "relation-aligned"])
