@@ -306,8 +306,8 @@ def open_run(cfg: RunConfig, run_dir: str | Path, *, tracker: Tracker | None = N
     if latest is not None:
         _check_resumable(cfg, latest)
     # Data: both splits built once per process and kept in memory (on the device when perf.data_on_device).
-    train_ds = _dataset(cfg.data, "train")
-    heldout = _dataset(cfg.data, "heldout")
+    train_ds = cached_dataset(cfg.data, "train")
+    heldout = cached_dataset(cfg.data, "heldout")
     images = _device_images(cfg.data, device) if perf.data_on_device else train_ds.images
     # Models, optimiser, scheduler and the axes: the step context.
     model = build_models(cfg, train_ds.captions).to(device)
@@ -346,16 +346,16 @@ def open_run(cfg: RunConfig, run_dir: str | Path, *, tracker: Tracker | None = N
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(data: DataConfig, split: str) -> CaptionedImages:
+def cached_dataset(data: DataConfig, split: str) -> CaptionedImages:
     """`build_dataset`, memoised per process: a study worker trains many trials on the same data, and
-    rendering 20k shapes scenes costs 10-25 s of CPU per call (issue 8). Callers never mutate it."""
+    rendering 20k shapes scenes costs 10-25 s of CPU per call (issue 8). Callers must not mutate it."""
     return build_dataset(data, split)
 
 
 @functools.lru_cache(maxsize=4)
 def _device_images(data: DataConfig, device: torch.device) -> torch.Tensor:
     """The training images on `device`, one copy per process (runs of a pack share it; read-only)."""
-    return _dataset(data, "train").images.to(device)
+    return cached_dataset(data, "train").images.to(device)
 
 
 def _check_resumable(cfg: RunConfig, path: Path) -> None:
