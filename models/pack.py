@@ -138,6 +138,7 @@ def train_pack(members: Sequence[PackMember], *,
     # Set up every member in turn: data and compiled code are shared, its RNG state is its own from here on.
     for i, m in enumerate(members):
         try:
+            _check_packable(m.cfg, len(members))
             run = trainer.open_run(m.cfg, m.run_dir, tracker=m.tracker, resume=m.resume, on_eval=m.on_eval,
                                    milestones=m.milestones, on_milestone=m.on_milestone, clock=clock)
         except Exception as e:  # noqa: BLE001 - a member's own failure ends that member only
@@ -189,14 +190,16 @@ def _check_members(members: Sequence[PackMember]) -> None:
     devices = {str(resolve_device(m.cfg.device)) for m in members}
     if len(devices) > 1:
         raise ValueError(f"train_pack: members must share one device, got {sorted(devices)}")
-    for i, m in enumerate(members):
-        perf = resolve_perf(m.cfg.perf, resolve_device(m.cfg.device))
-        if perf.cuda_graphs and m.cfg.model.dropout > 0 and len(members) > 1:
-            # Captured dropout draws from the one process-wide CUDA generator that every graph registers
-            # with; the members' dropout streams would interleave. Train such a config alone.
-            raise ConfigError(f"model.dropout: member {i} has dropout {m.cfg.model.dropout} with CUDA graphs; "
-                              "a pack cannot keep its dropout stream its own (set perf.cuda_graphs = 'off' "
-                              "or train it alone)")
+
+
+def _check_packable(cfg: RunConfig, n_members: int) -> None:
+    """A member that cannot keep its own random streams in this pack: ConfigError (that member's result)."""
+    perf = resolve_perf(cfg.perf, resolve_device(cfg.device))
+    if perf.cuda_graphs and cfg.model.dropout > 0 and n_members > 1:
+        # Captured dropout draws from the one process-wide CUDA generator that every graph registers with;
+        # the members' dropout streams would interleave. Train such a config alone.
+        raise ConfigError(f"model.dropout: {cfg.model.dropout} with CUDA graphs cannot keep its dropout stream "
+                          "its own in a pack (set perf.cuda_graphs = 'off' or train it alone)")
 
 
 def _finish(slot: _Slot, cuda: bool) -> trainer.TrainResult:
