@@ -405,8 +405,9 @@ def _compile_or_eager(s: step.StepContext, probe: HeldoutProbe) -> nn.Module:
     with `torch._dynamo.config.inline_inbuilt_nn_modules` (the default since torch 2.5; torch 2.14 deprecates
     the flag and always inlines) it treats an instance's parameters and buffers as graph inputs instead of
     constants guarded by identity: a second instance of the same architecture passes the first one's guards
-    and reuses its graph - no new trace, no new Inductor compile (checked on torch 2.14: two instances, one
-    graph; an instance with another attribute value, a second graph; tests/test_cuda.py checks the UNet).
+    and reuses its graph - no new trace, no new Inductor compile (checked on torch 2.14, CPU, Dynamo with the
+    eager backend: a second Denoiser of the same config traced nothing, 0.1 s against 10.8 s; one with the
+    time embedding off, a second graph. tests/test_cuda.py checks it with Inductor on the GPU).
     Instances whose forward differs (conditioning, time embedding on/off) fail a guard and compile a new
     entry; Inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR, one per machine by default) makes those cheap
     in the next process.
