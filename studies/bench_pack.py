@@ -150,7 +150,7 @@ def _stack_then_kill(proc: subprocess.Popen, err_path: Path) -> str:
     proc.wait()
     with err_path.open(errors="replace") as f:
         f.seek(before)
-        return f.read()[-6000:]
+        return f.read()[:8000]  # each thread's stack starts with its innermost frame: where it is stuck
 
 
 # --- the worker side -------------------------------------------------------------------------------------------
