@@ -2,7 +2,7 @@
 
 Why: an ablation study is dozens of tiny trainings. Alone, each pays its process start-up, data, compile and
 graph capture, and leaves most of a GPU idle (the claims UNet at batch 256 is launch-bound). A pack pays the
-fixed costs once per process - the datasets are memoised (`trainer._dataset`, `trainer._device_images`),
+fixed costs once per process - the datasets are memoised (`trainer.cached_dataset`, `trainer._device_images`),
 compiled code is shared by same-architecture denoisers (see `trainer._compile_or_eager`), one Inductor
 cache - and lets the GPU overlap the members' steps.
 
@@ -13,7 +13,7 @@ its step is `step.train_step` and its periodic work `trainer.after_step`: the co
 So on the CPU, in fp32, a member's logged losses are bit-identical to the same config trained alone
 (tests/test_pack.py), including a resume from checkpoints mid-pack.
 
-How the steps run (the first implementation; `diffablate bench --pack-variants` measures the others):
+How the steps run (the first implementation; `diffablate bench --study SPEC` measures it against the others):
 
 - Lockstep: step k of every active member, then each member's periodic work. Members may have different
   `train.steps` (a finished one leaves); a member whose step or periodic work raises an Exception (it
@@ -104,15 +104,20 @@ class _Slot:
             if self.cuda_rng is not None:
                 self.cuda_rng = torch.cuda.get_rng_state(self.run.s.device)
 
-    @contextlib.contextmanager
-    def on_stream(self) -> Iterator[None]:
-        """Issue the member's step on its own stream, after whatever the default stream has queued."""
-        if self.stream is None:
-            yield
-            return
-        self.stream.wait_stream(torch.cuda.current_stream(self.run.s.device))
-        with torch.cuda.stream(self.stream):
-            yield
+    def on_stream(self) -> contextlib.AbstractContextManager:
+        return on_stream(self.stream, self.run.s.device)
+
+
+@contextlib.contextmanager
+def on_stream(stream: "torch.cuda.Stream | None", device: torch.device) -> Iterator[None]:
+    """Issue work on `stream` (None: the current stream, e.g. on a CPU), after whatever the default stream
+    has queued: the pack's periodic work there (evaluation reads the EMA a step would write)."""
+    if stream is None:
+        yield
+        return
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        yield
 
 
 def train_pack(members: Sequence[PackMember], *,
@@ -122,7 +127,7 @@ def train_pack(members: Sequence[PackMember], *,
 
     Every member must resolve to the same device. Members whose set-up fails (a config that cannot resume,
     bad milestones) get that exception and the pack goes on without them. `log(message)` hears members
-    joining and leaving."""
+    joining, capturing, finishing and leaving (the bench timestamps these)."""
     say = log or (lambda _: None)
     _check_members(members)
     device = resolve_device(members[0].cfg.device) if members else torch.device("cpu")
@@ -133,6 +138,7 @@ def train_pack(members: Sequence[PackMember], *,
     # Set up every member in turn: data and compiled code are shared, its RNG state is its own from here on.
     for i, m in enumerate(members):
         try:
+            _check_packable(m.cfg, len(members))
             run = trainer.open_run(m.cfg, m.run_dir, tracker=m.tracker, resume=m.resume, on_eval=m.on_eval,
                                    milestones=m.milestones, on_milestone=m.on_milestone, clock=clock)
         except Exception as e:  # noqa: BLE001 - a member's own failure ends that member only
@@ -141,17 +147,24 @@ def train_pack(members: Sequence[PackMember], *,
             continue
         active.append(_Slot(i, run, torch.cuda.Stream(device) if cuda else None,
                             swap_cuda_rng=cuda and m.cfg.model.dropout > 0))
+        say(f"member {i} set up (data, models, compile) at step {run.step}")
         if run.step >= run.total:  # resumed at its end: nothing left but the final artifacts
             results[i] = _finish(active.pop(), cuda)
+    first = True
     while active:
-        # Step: every member once, each on its own stream (interleaved on the CPU).
+        # Step: every member once, each on its own stream (interleaved on the CPU). A member's first step
+        # captures its graph (on its stream, synchronising the device).
         for slot in list(active):
             try:
                 with slot.rng(), slot.on_stream():
                     slot.run.lr = step.train_step(slot.run.s, slot.run.step)
                 slot.run.step += 1
+                if first:
+                    say(f"member {slot.index} ran its first step (graph captured: "
+                        f"{slot.run.s.graph is not None and slot.run.s.graph.graph is not None})")
             except Exception as e:  # noqa: BLE001 - see the module docstring
                 results[slot.index] = _leave(active, slot, e, cuda, say)
+        first = False
         # Periodic work: after a device sync, member by member on the default stream.
         if cuda and any(trainer.due(slot.run) for slot in active):
             torch.cuda.synchronize(device)
@@ -177,14 +190,16 @@ def _check_members(members: Sequence[PackMember]) -> None:
     devices = {str(resolve_device(m.cfg.device)) for m in members}
     if len(devices) > 1:
         raise ValueError(f"train_pack: members must share one device, got {sorted(devices)}")
-    for i, m in enumerate(members):
-        perf = resolve_perf(m.cfg.perf, resolve_device(m.cfg.device))
-        if perf.cuda_graphs and m.cfg.model.dropout > 0 and len(members) > 1:
-            # Captured dropout draws from the one process-wide CUDA generator that every graph registers
-            # with; the members' dropout streams would interleave. Train such a config alone.
-            raise ConfigError(f"model.dropout: member {i} has dropout {m.cfg.model.dropout} with CUDA graphs; "
-                              "a pack cannot keep its dropout stream its own (set perf.cuda_graphs = 'off' "
-                              "or train it alone)")
+
+
+def _check_packable(cfg: RunConfig, n_members: int) -> None:
+    """A member that cannot keep its own random streams in this pack: ConfigError (that member's result)."""
+    perf = resolve_perf(cfg.perf, resolve_device(cfg.device))
+    if perf.cuda_graphs and cfg.model.dropout > 0 and n_members > 1:
+        # Captured dropout draws from the one process-wide CUDA generator that every graph registers with;
+        # the members' dropout streams would interleave. Train such a config alone.
+        raise ConfigError(f"model.dropout: {cfg.model.dropout} with CUDA graphs cannot keep its dropout stream "
+                          "its own in a pack (set perf.cuda_graphs = 'off' or train it alone)")
 
 
 def _finish(slot: _Slot, cuda: bool) -> trainer.TrainResult:
@@ -198,6 +213,7 @@ def _finish(slot: _Slot, cuda: bool) -> trainer.TrainResult:
 def _leave(active: list[_Slot], slot: _Slot, error: Exception, cuda: bool, say: Callable[[str], None]) -> Exception:
     if cuda:
         torch.cuda.synchronize(slot.run.s.device)
-    active.remove(slot)
+    if slot in active:  # (a member that fails inside `finish` has already left the active list)
+        active.remove(slot)
     say(f"member {slot.index} left at step {slot.run.step}: {type(error).__name__}: {error}")
     return error

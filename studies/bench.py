@@ -140,12 +140,12 @@ class ReferenceLoop:
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
 
-        from diffablate.models.trainer import build_models, stream_seed
+        from diffablate.models.trainer import build_models, cached_dataset, stream_seed
 
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
-        train = build_dataset(cfg.data, "train")
+        train = cached_dataset(cfg.data, "train")  # rendered once per process, as for the trainer
         # The examples' DataLoader yields host float tensors that accelerate moves to the device per step.
         self.images = to_model_range(train.images)
         self.captions = train.captions

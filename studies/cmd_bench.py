@@ -38,11 +38,33 @@ def bench_cmd(
                                                      "e.g. no-graphs:perf.cuda_graphs=off (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results file to append to (default studies/bench_results.jsonl)."),
     no_save: bool = typer.Option(False, "--no-save", help="Print only; append no result line."),
+    study: Optional[Path] = typer.Option(None, "--study", help="Study mode: time SPEC's training unpacked (--pack off), "
+                                         "packed and with the reference loop, plus the packing variants (micro)."),
+    trials: int = typer.Option(3, "--trials", help="Study mode: the spec's first N trials (seed-major plan order)."),
+    train_steps: int = typer.Option(100, "--train-steps", help="Study mode: train.steps of every trial (0 = the spec's)."),
+    pack: int = typer.Option(0, "--pack", help="Study mode: members per pack (0 = all selected trials)."),
+    reference_steps: int = typer.Option(30, "--reference-steps", help="Study mode: reference-loop steps run per trial "
+                                        "(the rest extrapolated from its ms/step)."),
+    parts: str = typer.Option("study,micro", "--parts", help="Study mode: study, micro or both."),
+    modes: str = typer.Option("off,pack,reference", "--modes", help="Study mode: which of off, pack, reference."),
+    micro_variants: str = typer.Option("serial,streams,vmap,vmap-graph", "--micro-variants",
+                                       help="Study mode: packing variants (serial, streams, vmap, vmap-graph)."),
+    micro_k: str = typer.Option("3", "--micro-k", help="Study mode: copies per variant, comma-separated, e.g. 1,3,6,9,12."),
+    micro_compile: str = typer.Option("off", "--micro-compile", help="Study mode: torch.compile the variants: off, on, both."),
+    micro_steps: int = typer.Option(20, "--micro-steps", help="Study mode: timed steps per variant."),
+    micro_warmup: int = typer.Option(3, "--micro-warmup", help="Study mode: untimed steps per variant (incl. capture)."),
+    study_timeout: float = typer.Option(300, "--study-timeout", help="Study mode: seconds per study measurement."),
+    micro_timeout: float = typer.Option(90, "--micro-timeout", help="Study mode: seconds per variant."),
 ) -> None:
     """Time diffablate's training fast path against a diffusers-example loop on the same UNet and batch;
-    also sampling and FID-feature throughput, MFU, and fp32-vs-fast loss-curve agreement."""
+    also sampling and FID-feature throughput, MFU, and fp32-vs-fast loss-curve agreement. With --study SPEC:
+    the study's training the way a user runs it, packed or not, and the packing variants (studies/bench_pack.py)."""
     from diffablate.studies import bench
 
+    if study is not None:
+        _study_bench(study, device, trials, train_steps, pack, reference_steps, parts, modes, micro_variants, micro_k,
+                     micro_compile, micro_steps, micro_warmup, study_timeout, micro_timeout, list(set_ or []), out, no_save)
+        return
     try:
         precisions = tuple(p.strip() for p in reference.split(",") if p.strip() and p.strip() != "none")
         bad = [p for p in precisions if p not in ("no", "bf16", "fp16")]
@@ -89,3 +111,39 @@ def _write_partial(path: Path, record: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, default=str))
     tmp.replace(path)
+
+
+def _study_bench(study: Path, device: str, trials: int, train_steps: int, pack: int, reference_steps: int, parts: str,
+                 modes: str, micro_variants: str, micro_k: str, micro_compile: str, micro_steps: int, micro_warmup: int,
+                 study_timeout: float, micro_timeout: float, overrides: list[str], out: Optional[Path],
+                 no_save: bool) -> None:
+    from diffablate.models.device import resolve_device
+    from diffablate.studies import bench, bench_pack
+    from diffablate.studies.spec import SpecError
+
+    def csv(text: str) -> tuple[str, ...]:
+        return tuple(x.strip() for x in text.split(",") if x.strip())
+
+    try:
+        resolve_device(device, "--device")
+        ks = csv(micro_k)
+        if not all(k.isdigit() for k in ks):
+            raise bench_pack.StudyBenchError(f"--micro-k: expected comma-separated integers, got {micro_k!r}")
+        compiles = {"off": (False,), "on": (True,), "both": (False, True)}.get(micro_compile)
+        if compiles is None:
+            raise bench_pack.StudyBenchError(f"--micro-compile: expected off, on or both, got {micro_compile!r}")
+        if pack < 0 or train_steps < 0:
+            raise bench_pack.StudyBenchError("--pack and --train-steps must be >= 0")
+        path = out or bench.RESULTS_FILE
+        bench_pack.run_study_bench(
+            study, device=device, trials=trials, train_steps=train_steps or None, pack=pack or None,
+            reference_steps=reference_steps, parts=csv(parts), modes=csv(modes), micro_variants=csv(micro_variants),
+            micro_k=tuple(int(k) for k in ks), micro_compile=compiles, micro_steps=micro_steps,
+            micro_warmup=micro_warmup, study_timeout_s=study_timeout, micro_timeout_s=micro_timeout,
+            overrides=overrides, command=bench.command_line(),
+            on_record=None if no_save else (lambda rec: bench.append_result(rec, path)), log=typer.echo)
+    except (ConfigError, SpecError, bench_pack.StudyBenchError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if not no_save:
+        typer.echo(f"appended to {path}")

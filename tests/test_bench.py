@@ -93,3 +93,72 @@ def test_cli_errors_exit_2_before_compute() -> None:
         assert r.exit_code == 2 and "--variant" in r.output, bad
     r = runner.invoke(app, ["bench", "--device", "cpu", "--variant", "x:perf.compile=maybe", "--no-save"])
     assert r.exit_code == 2 and "perf.compile" in r.output
+
+
+# --- bench --study (studies/bench_pack.py) ------------------------------------------------------------------
+
+SMOKE = Path(__file__).resolve().parents[1] / "studies" / "smoke.toml"
+STUDY_TINY = ["data.n_train=64", "data.n_heldout=16", "eval.sampling_steps=2"]
+
+
+def _micro_job(**kw: object) -> dict:
+    from diffablate.studies import bench_pack
+
+    cfg = bench_pack.study_trials(SMOKE, 1, steps=2, device="cpu", overrides=STUDY_TINY)[0]
+    return {"name": "t", "part": "micro", "variant": "serial", "cfgs": [cfg.to_dict()], "steps": 1, "warmup": 1, **kw}
+
+
+def test_study_bench_locates_a_hang_and_keeps_the_stacks() -> None:
+    """A measurement past its timeout: the record names the last phase reached and carries every thread's
+    Python stack (faulthandler, asked for before the kill)."""
+    from diffablate.studies import bench_pack
+
+    rec = bench_pack.run_job(_micro_job(steps=10**6), timeout_s=8, log=lambda s: None)
+    assert rec["status"] == "timeout" and rec["rc"] != 0
+    assert rec["phases"] and rec["phases"][0][1] == "python up" and rec["last_phase"] == rec["phases"][-1][1]
+    assert "File " in rec["stack"] and "thread" in rec["stack"].lower()
+
+
+def test_study_bench_records_a_failing_worker() -> None:
+    from diffablate.studies import bench_pack
+
+    rec = bench_pack.run_job(_micro_job(part="no-such-part"), timeout_s=300, log=lambda s: None)
+    assert rec["status"] == "error" and rec["result"] is None and "KeyError" in rec["stderr_tail"]
+
+
+def test_study_bench_cli_errors_exit_2_before_compute(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from diffablate.studies.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "r.jsonl"
+    for args, field in ((["--study", str(tmp_path / "missing.toml")], "cannot read study spec"),
+                        (["--study", str(SMOKE), "--micro-k", "3,x"], "--micro-k"),
+                        (["--study", str(SMOKE), "--parts", "study,bogus"], "--parts"),
+                        (["--study", str(SMOKE), "--micro-variants", "vmap,warp"], "--micro-variants"),
+                        (["--study", str(SMOKE), "--micro-compile", "maybe"], "--micro-compile"),
+                        (["--study", str(SMOKE), "--set", "train.batch_size=-1"], "train.batch_size")):
+        r = runner.invoke(app, ["bench", "--device", "cpu", "--out", str(out), *args])
+        assert r.exit_code == 2 and "error:" in r.output and field in r.output, (args, r.output)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_study_bench_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
+    from diffablate.studies import bench_pack
+
+    out = tmp_path / "r.jsonl"
+    records = bench_pack.run_study_bench(SMOKE, device="cpu", trials=2, train_steps=3, reference_steps=2, micro_k=(2,),
+                                         micro_steps=2, micro_warmup=1, overrides=STUDY_TINY, command="test",
+                                         on_record=lambda r: bench.append_result(r, out), log=lambda s: None)
+    assert [r["name"] for r in records] == ["study-off", "study-pack-K2", "study-reference", "micro-serial-K2",
+                                            "micro-vmap-K2"]  # streams / vmap-graph need CUDA
+    assert all(r["status"] == "ok" for r in records), [(r["name"], r.get("stderr_tail")) for r in records]
+    for r in records[:3]:
+        assert r["trials"] == 2 and r["trials_per_hour"] > 0 and r["train_img_per_s"] > r["img_per_s"] > 0
+    assert records[1]["result"]["packs"][0]["members"] == [0, 1] and not records[1]["result"]["packs"][0]["failed"]
+    assert all(r["train_img_per_s"] > 0 for r in records[3:])
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["name"] for line in lines] == [r["name"] for r in records]
+    assert all(line["command"] == "test" and line["date"] and line["device_name"] for line in lines)

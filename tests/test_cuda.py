@@ -13,7 +13,7 @@ import torch
 
 from diffablate.models import step as st
 from diffablate.models import trainer as tr
-from diffablate.models.config import RunConfig
+from diffablate.models.config import ConfigError, RunConfig
 from diffablate.models.tracker import MemoryTracker
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -133,8 +133,11 @@ def test_diverging_member_leaves_the_pack(tmp_path: Path) -> None:
     tr.train(cfg, tmp_path / "alone", tracker=alone, progress=False)
     results = pack.train_pack([pack.PackMember(cfg, tmp_path / "kept", tracker=kept),
                                pack.PackMember(cfg.with_overrides({"seed": 3, "train.diverge_loss": 1e-6}),
-                                               tmp_path / "gone", tracker=gone)])
+                                               tmp_path / "gone", tracker=gone),
+                               # graphed dropout would share the CUDA generator with the other members: refused
+                               pack.PackMember(cfg.with_overrides({"model.dropout": 0.1}), tmp_path / "dropout")])
     assert isinstance(results[1], tr.TrainingDiverged) and results[1].step == 4  # the first log interval
+    assert isinstance(results[2], ConfigError) and "model.dropout" in str(results[2])
     assert isinstance(results[0], tr.TrainResult) and results[0].steps_done == 24
     for key in ("train_loss", "heldout_loss"):
         assert _series(kept, key) == pytest.approx(_series(alone, key), rel=2e-3), key

@@ -4,7 +4,6 @@ nothing measured, compile fallback, EMA weights for sampling, and (slow) held-ou
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from pathlib import Path
