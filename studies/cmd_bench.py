@@ -41,8 +41,9 @@ def bench_cmd(
 ) -> None:
     """Time diffablate's training fast path against a diffusers-example loop on the same UNet and batch;
     also sampling and FID-feature throughput, MFU, and fp32-vs-fast loss-curve agreement."""
-    from diffablate.studies import bench
+    from diffablate.studies import bench, preflight
 
+    preflight.bench(device=device, out=out, sets=list(set_ or []))
     try:
         precisions = tuple(p.strip() for p in reference.split(",") if p.strip() and p.strip() != "none")
         bad = [p for p in precisions if p not in ("no", "bf16", "fp16")]

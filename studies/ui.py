@@ -128,15 +128,6 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) ->
     raise StudyError(f"{url}: no answer after {timeout_s:.0f} s; see {log}")
 
 
-def stop_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit so `finally` blocks stop the servers (the default would orphan them)."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def serve_until_interrupted(servers: UiServers, echo: Callable[[str], None] = print) -> None:
     echo(f"MLflow:           {servers.mlflow_url}")
     echo(f"Optuna dashboard: {servers.optuna_url}")
@@ -145,7 +136,7 @@ def serve_until_interrupted(servers: UiServers, echo: Callable[[str], None] = pr
         while all(p.poll() is None for p in servers.procs):
             time.sleep(0.5)
         echo("a server exited; stopping the other")
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (the CLI turns it into a KeyboardInterrupt)
         pass
     finally:
         servers.stop()
