@@ -280,12 +280,6 @@ class RunConfig:
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
                "device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
         _non_negative("seed", self.seed)
-        # Settings that index the noise schedule cannot exceed it.
-        T = self.diffusion.num_train_timesteps
-        for name in ("eval.sampling_steps", "eval.timestep_buckets", "axes.curriculum_stages"):
-            section, leaf = name.split(".")
-            value = getattr(getattr(self, section), leaf)
-            _check(value <= T, name, f"must be <= diffusion.num_train_timesteps ({T})", value)
         _check(self.data.resolution % 2 ** (len(self.model.block_channels) - 1) == 0, "data.resolution",
                f"must be divisible by 2**(len(model.block_channels)-1) = {2 ** (len(self.model.block_channels) - 1)}",
                self.data.resolution)

@@ -259,12 +259,27 @@ def check_memory(cfg: Any) -> None:
     if not total:
         return
     res = cfg.data.resolution
-    for field, n in (("data.n_train", cfg.data.n_train), ("data.n_heldout", cfg.data.n_heldout),
-                     ("eval.n_samples", cfg.eval.n_samples)):
-        need = n * 3 * res * res
+    # uint8 images held whole; a training batch as float32 (its activations need many times more: a lower bound)
+    for field, n, nbytes in (("data.n_train", cfg.data.n_train, 1), ("data.n_heldout", cfg.data.n_heldout, 1),
+                             ("eval.n_samples", cfg.eval.n_samples, 1), ("train.batch_size", cfg.train.batch_size, 4)):
+        need = n * 3 * res * res * nbytes
         if need > MEMORY_FRACTION * total:
             raise ConfigError(f"{field}: {n} images of {res}x{res} px need {need / 2**30:.1f} GiB in memory; "
                               f"this machine has {total / 2**30:.1f} GiB")
+
+
+def check_schedule(cfg: Any) -> None:
+    """Settings that index the noise schedule cannot exceed it: DDIM/DDPM refuse more sampling steps than training
+    timesteps (at the end of training, when the sample grid is drawn), and held-out buckets beyond it would be
+    empty. (Not a RunConfig rule: a config that never samples, e.g. an axis unit test, may use a short schedule
+    with the default eval settings.)"""
+    from diffablate.models.config import ConfigError
+
+    T = cfg.diffusion.num_train_timesteps
+    for name, value in (("eval.sampling_steps", cfg.eval.sampling_steps),
+                        ("eval.timestep_buckets", cfg.eval.timestep_buckets)):
+        if value > T:
+            raise ConfigError(f"{name}: must be <= diffusion.num_train_timesteps ({T}), got {value}")
 
 
 def check_clip_paths(cfg: Any) -> None:
@@ -288,6 +303,8 @@ def check_run_config(cfg: Any, problems: Problems) -> None:
             from diffablate.models.trainer import resolve_perf
 
             resolve_perf(cfg.perf, dev)
+    with problems.check():
+        check_schedule(cfg)
     with problems.check():
         check_clip_paths(cfg)
     with problems.check():
@@ -383,32 +400,7 @@ def check_tracking(uri: str | None, workdir: Path | None, *, connect: bool = Tru
             raise tracking.TrackingError(f"--tracking-uri {uri!r}: cannot create or open {db} ({problem})")
         return
     if connect:
-        if urlparse_scheme(uri) in tracking.DB_SCHEMES:
-            _connect_db(uri)  # a connection only: MLflow would create its tables on a first client
-        else:
-            tracking.check_reachable(uri)
-
-
-def urlparse_scheme(uri: str) -> str:
-    from urllib.parse import urlparse
-
-    return urlparse(uri).scheme.split("+")[0]
-
-
-def _connect_db(uri: str) -> None:
-    from diffablate.studies import tracking
-
-    try:
-        import sqlalchemy
-
-        scheme = urlparse_scheme(uri)
-        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 10} if scheme == "postgresql" else {})
-        with engine.connect():
-            pass
-        engine.dispose()
-    except Exception as e:  # noqa: BLE001 - connection errors come from many libraries
-        raise tracking.TrackingError(f"--tracking-uri {uri!r}: tracking store not reachable ({type(e).__name__}: "
-                                     f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        tracking.check_reachable(uri, touch_store=False)
 
 
 def check_existing_study(spec: Any, workdir: Path, storage: str | None, requested_uri: str | None) -> None:
@@ -641,6 +633,8 @@ def evaluate_config(cfg: Any, problems: Problems | None = None) -> None:
     """`diffablate eval` with its checkpoint's config (and --set eval.* overrides) resolved."""
     own = problems or Problems()
     with own.check():
+        check_schedule(cfg)
+    with own.check():
         check_clip_paths(cfg)
     with own.check():
         check_memory(cfg)
@@ -750,7 +744,7 @@ def bench(*, device: str, out: Path | None, sets: list[str]) -> None:
 
     problems = Problems()
     with problems.check():
-        check_device(device, "--device")
+        check_device(device, "device")  # --device is the benchmarked RunConfig's device field
     with problems.check():
         RunConfig().with_overrides(sets)
     if out is not None:
