@@ -676,6 +676,15 @@ def fid(dirs: list[Path], *, device: str) -> None:
     problems.raise_if_any()
 
 
+def _can_listen(family: int, host: str, port: int) -> bool:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, port))
+        return True
+    except OSError:
+        return False
+
+
 def ui(workdir: Path, *, host: str, ports: dict[str, int | None]) -> None:
     """`diffablate ui`: the study, its stores and both ports, before any server starts or any file is written."""
     from diffablate.studies import runner, tracking
@@ -691,12 +700,8 @@ def ui(workdir: Path, *, host: str, ports: dict[str, int | None]) -> None:
         infos = []
     if infos and not problems.items:
         for where, port in ports.items():
-            if port is None:
-                continue
-            with contextlib.suppress(OSError), socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
-                s.bind((host, port))
-                continue
-            problems.add(f"{where}: cannot listen on {host}:{port} (in use, or not allowed)")
+            if port is not None and not _can_listen(infos[0][0], host, port):
+                problems.add(f"{where}: cannot listen on {host}:{port} (in use, or not allowed)")
     with problems.check():
         info = wdl.read_study_file(workdir)
         if not info["studies"]:
@@ -707,10 +712,10 @@ def ui(workdir: Path, *, host: str, ports: dict[str, int | None]) -> None:
         if db is not None and not db.is_file():
             raise runner.StudyError(f"{workdir}: no MLflow store {db} (has `study run` started here?)")
     with problems.check():
-        from diffablate.studies.ui import _exe
+        from diffablate.studies.ui import executable
 
-        _exe("mlflow")
-        _exe("optuna-dashboard")
+        executable("mlflow")
+        executable("optuna-dashboard")
     problems.raise_if_any()
 
 
