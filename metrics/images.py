@@ -48,6 +48,8 @@ def list_image_files(folder: str | Path) -> list[Path]:
             raise ImageInputError(f"{folder}: contains a subfolder {entry.name!r}; expected a flat folder of PNG/JPEG images")
         if entry.suffix.lower() not in IMAGE_SUFFIXES:
             raise ImageInputError(f"{folder}: not a PNG/JPEG image: {entry.name!r} (remove it or score another folder)")
+        if not entry.is_file():  # a FIFO or device named *.png would block the decoder forever
+            raise ImageInputError(f"{folder}: {entry.name!r} is not a regular file")
         files.append(entry)
     return files
 
@@ -59,7 +61,7 @@ def load_image(path: str | Path) -> torch.Tensor:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, inside the try, not later
             array = _to_uint8_array(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         # PIL reports corrupt data as any of these (SyntaxError for broken PNG chunks)
         raise ImageInputError(f"cannot read image {path}: {err}") from err
     if array.ndim == 2:

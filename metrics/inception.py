@@ -56,7 +56,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """`"auto"` -> cuda when available, else cpu; anything else as torch understands it."""
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:  # "tpu", "cuda:x": torch's own message says what it expected
+        raise MetricsError(f"--device: {device!r} is not a device (auto, cpu, cuda or cuda:N): {e}") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise MetricsError(f"device {device!r} requested but CUDA is not available here (use --device cpu or auto)")
     return resolved

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -90,6 +91,7 @@ class DataConfig:
         _check(self.resolution % 4 == 0, f"{p}.resolution", "must be a multiple of 4", self.resolution)
         _non_negative(f"{p}.n_train", self.n_train)
         _positive(f"{p}.n_heldout", self.n_heldout)
+        _non_negative(f"{p}.seed", self.seed)  # numpy's seeded generators refuse negative seeds
         _check(self.name != "folder" or bool(self.path), f"{p}.path", "is required for the folder dataset", self.path)
 
 
@@ -105,6 +107,8 @@ class ModelConfig:
     dropout: float = 0.0  # small data, short runs: regularise with EMA instead
 
     def validate(self, p: str = "model") -> None:
+        _positive(f"{p}.attention_head_dim", self.attention_head_dim)  # before the divisibility checks below
+        _positive(f"{p}.norm_num_groups", self.norm_num_groups)
         _check(len(self.block_channels) >= 1, f"{p}.block_channels", "must list at least one level", self.block_channels)
         for i, c in enumerate(self.block_channels):
             _positive(f"{p}.block_channels[{i}]", c)
@@ -115,8 +119,6 @@ class ModelConfig:
         _check(len(self.attention_levels) == len(self.block_channels), f"{p}.attention_levels",
                f"must have one entry per block ({len(self.block_channels)})", self.attention_levels)
         _positive(f"{p}.layers_per_block", self.layers_per_block)
-        _positive(f"{p}.attention_head_dim", self.attention_head_dim)
-        _positive(f"{p}.norm_num_groups", self.norm_num_groups)
         _unit_interval(f"{p}.dropout", self.dropout, closed_right=False)
 
 
@@ -309,8 +311,9 @@ class RunConfig:
             if dataclasses.is_dataclass(value):
                 value.validate(f.name)
         _non_negative("replicate", self.replicate)
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
                "device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
+        _non_negative("seed", self.seed)
         _check(self.data.resolution % 2 ** (len(self.model.block_channels) - 1) == 0, "data.resolution",
                f"must be divisible by 2**(len(model.block_channels)-1) = {2 ** (len(self.model.block_channels) - 1)}",
                self.data.resolution)
@@ -356,13 +359,17 @@ class RunConfig:
     def from_file(cls, path: str | Path) -> "RunConfig":
         """Load a `.toml` or `.json` config file."""
         path = Path(path)
+        if path.exists() and not path.is_file():  # a directory, a FIFO (reading one would block), a device
+            raise ConfigError(f"{path}: cannot read config file (not a regular file)")
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
         try:
             d = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        except ValueError as e:  # JSON/TOML syntax, or an integer too long to convert (Python's 4300-digit limit)
             raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
         return cls.from_dict(d, where=str(path))
 
@@ -405,9 +412,11 @@ def _parse_overrides(items: typing.Iterable[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.batch_size=32")
+        if any(ord(c) < 32 or ord(c) == 127 for c in item):  # a newline would smuggle in a second TOML key
+            raise ConfigError(f"--set {item!r}: control characters (newlines, ...) are not allowed")
         try:
             out[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
+        except ValueError:  # not a TOML value (TOMLDecodeError), or an integer beyond Python's 4300-digit limit
             out[key] = raw  # a bare word such as `cross-attention`
     return out
 
@@ -423,6 +432,15 @@ def _build(cls: type, d: Any, *, prefix: str, where: str) -> Any:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown config key{loc}; known keys: {sorted(names)}")
     kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}", where) for k, v in d.items()}
     return cls(**kwargs)
+
+
+def _short(v: Any) -> str:
+    """repr for an error message, cut short (and safe for integers beyond Python's 4300-digit str limit)."""
+    try:
+        text = repr(v)
+    except ValueError:
+        return f"<an integer of {v.bit_length()} bits>"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _coerce(tp: Any, v: Any, path: str, where: str) -> Any:
@@ -443,12 +461,20 @@ def _coerce(tp: Any, v: Any, path: str, where: str) -> Any:
         return v
     if tp is int:
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"{path}: must be an integer, got {v!r}")
+            raise ConfigError(f"{path}: must be an integer, got {_short(v)}")
+        if not -2**63 <= v < 2**63:  # torch, numpy and SQLite store 64-bit integers
+            raise ConfigError(f"{path}: must fit in 64 bits, got an integer of {v.bit_length()} bits")
         return v
     if tp is float:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"{path}: must be a number, got {v!r}")
-        return float(v)
+            raise ConfigError(f"{path}: must be a number, got {_short(v)}")
+        try:
+            x = float(v)
+        except OverflowError:  # an integer beyond float range
+            raise ConfigError(f"{path}: must be a finite number, got an integer of {v.bit_length()} bits") from None
+        if not math.isfinite(x):  # inf would pass every "> 0" check, nan every comparison
+            raise ConfigError(f"{path}: must be a finite number, got {v!r}")
+        return x
     if tp is str:
         if not isinstance(v, str):
             raise ConfigError(f"{path}: must be a string, got {v!r}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -238,12 +239,24 @@ def _fashion_root(cfg: DataConfig) -> Path:
     return root / "FashionMNIST" / "raw"
 
 
-def _read_idx(path: Path, offset: int) -> np.ndarray:
+def _read_idx(path: Path, dims: int) -> np.ndarray:
+    """An IDX file (gzipped): a big-endian header (magic 0x0000080N for N uint8 dimensions, then N sizes) and
+    the data. The header is checked against the data, so a truncated or foreign file names itself here."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing Fashion-MNIST file")
     try:
         with gzip.open(path, "rb") as f:
-            return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
-    except (OSError, EOFError) as e:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, or cut short
         raise DataError(f"{path}: cannot read Fashion-MNIST file ({e})") from None
+    head = 4 + 4 * dims
+    if len(raw) < head or int.from_bytes(raw[:4], "big") != 0x800 + dims:
+        raise DataError(f"{path}: not an IDX file with {dims} dimension(s) (bad header)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    if len(raw) - head != int(np.prod(shape)):
+        raise DataError(f"{path}: truncated or padded: the header says {shape} = {int(np.prod(shape))} bytes, "
+                        f"the file holds {len(raw) - head}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(shape)
 
 
 @DATASETS.register("fashion-mnist")
@@ -251,8 +264,13 @@ def fashion_mnist_dataset(cfg: DataConfig, split: str) -> CaptionedImages:
     """Fashion-MNIST train (60k) / t10k (10k) as train / heldout, captions from class names."""
     root = _fashion_root(cfg)
     img_file, lbl_file = _FASHION_FILES[split]
-    raw = _read_idx(root / img_file, 16)
-    classes = _read_idx(root / lbl_file, 8)
+    raw = _read_idx(root / img_file, 3)
+    classes = _read_idx(root / lbl_file, 1)
+    if raw.shape[1:] != (28, 28) or len(raw) != len(classes):
+        raise DataError(f"{root / img_file}: {raw.shape} images for {len(classes)} labels in {root / lbl_file}; "
+                        f"Fashion-MNIST is N x 28 x 28 with one label per image")
+    if classes.size and int(classes.max()) >= len(FASHION_CLASSES):
+        raise DataError(f"{root / lbl_file}: label {int(classes.max())} is not a Fashion-MNIST class (0..9)")
     images = torch.from_numpy(raw.reshape(-1, 1, 28, 28).copy())
     n = cfg.n_train if split == "train" else cfg.n_heldout
     if n:
@@ -275,11 +293,19 @@ _CAPTION_KEYS = ("text", "caption")
 
 
 def _read_metadata(root: Path) -> list[tuple[str, str]]:
-    meta = next((root / m for m in _METADATA_FILES if (root / m).is_file()), None)
+    meta = next((root / m for m in _METADATA_FILES if (root / m).exists()), None)
     if meta is None:
         raise DataError(f"{root}: no {' or '.join(_METADATA_FILES)} with one {{\"file_name\", \"text\"}} per line")
+    if not meta.is_file():  # a FIFO would block the read forever; a directory cannot be read
+        raise DataError(f"{meta}: not a regular file")
+    try:
+        text = meta.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{meta}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{meta}: cannot read ({e.strerror})") from None
     rows = []
-    for lineno, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -288,23 +314,38 @@ def _read_metadata(root: Path) -> list[tuple[str, str]]:
             raise DataError(f"{meta}:{lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or "file_name" not in row:
             raise DataError(f"{meta}:{lineno}: each line needs a \"file_name\" key")
+        name = row["file_name"]
+        if not isinstance(name, str) or not _inside(root, name):
+            raise DataError(f"{meta}:{lineno}: file_name {name!r} must be a relative path inside {root}")
         caption = next((row[k] for k in _CAPTION_KEYS if k in row), None)
         if not isinstance(caption, str) or not caption.strip():
             raise DataError(f"{meta}:{lineno}: missing or empty caption (one of {list(_CAPTION_KEYS)})")
-        rows.append((str(row["file_name"]), caption.strip()))
+        rows.append((name, caption.strip()))
     if len(rows) < 2:
         raise DataError(f"{meta}: needs at least 2 captioned images, found {len(rows)}")
     return rows
 
 
+def _inside(root: Path, name: str) -> bool:
+    """`name` (from the metadata) resolves to a path inside `root`: no `..`, no absolute path, no symlink out."""
+    if not name or "\0" in name or Path(name).is_absolute():
+        return False
+    real_root = root.resolve()
+    return (real_root / name).resolve().is_relative_to(real_root)
+
+
 def _load_image(path: Path, resolution: int) -> np.ndarray:
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: image listed in the metadata does not exist")
+    if not path.is_file():  # a FIFO named *.png would block the decoder forever
+        raise DataError(f"{path}: listed in the metadata but not a regular file")
     try:
         with Image.open(path) as im:
             im.load()
             im = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:  # PIL's guard against images that decode to gigabytes
+        raise DataError(f"{path}: refused, too many pixels to decode safely ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read image ({e})") from None
     # Centre-crop to square, then resize: the standard preparation for square diffusion models.
     w, h = im.size

@@ -59,8 +59,9 @@ def bench_cmd(
     """Time diffablate's training fast path against a diffusers-example loop on the same UNet and batch;
     also sampling and FID-feature throughput, MFU, and fp32-vs-fast loss-curve agreement. With --study SPEC:
     the study's training the way a user runs it, packed or not, and the packing variants (studies/bench_pack.py)."""
-    from diffablate.studies import bench
+    from diffablate.studies import bench, preflight
 
+    preflight.bench(device=device, out=out, sets=list(set_ or []))
     if study is not None:
         _study_bench(study, device, trials, train_steps, pack, reference_steps, parts, modes, micro_variants, micro_k,
                      micro_compile, micro_steps, micro_warmup, study_timeout, micro_timeout, list(set_ or []), out, no_save)

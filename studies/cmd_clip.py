@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, ContextManager, List, Optional
 
 import typer
 
@@ -47,6 +48,7 @@ def train(
 ) -> None:
     """Train a CLIP on one role's half of the train split and save it in HF format."""
     from diffablate.models import clip
+    from diffablate.studies import preflight
 
     sets = list(set_ or [])
     try:
@@ -55,40 +57,33 @@ def train(
             raise ConfigError(f"--role: must be one of {list(clip.ROLES)}, got {role!r}")
         if preset not in clip.PRESETS:
             raise ConfigError(f"--preset: must be one of {list(clip.PRESETS)}, got {preset!r}")
-        base = clip.PRESETS[preset]
-        clip_cfg = base.with_overrides([s for s in sets if s.startswith("clip.")] +
-                                       ([f"clip.steps={steps}"] if steps else []))
-        tracker, finish = _tracker(tracking_uri, dataset, role)
+        clip_cfg = clip.PRESETS[preset].with_overrides([s for s in sets if s.startswith("clip.")] +
+                                                       ([f"clip.steps={steps}"] if steps else []))
+        preflight.clip_train(data_cfg, device=device, out=out, tracking_uri=tracking_uri)
     except (ConfigError, DataError, clip.ClipError, TrackingError) as e:
         raise _fail(e) from None
-    status = "FAILED"
-    try:
+    tracker, lifecycle = _tracked_run(tracking_uri, dataset, role)
+    with lifecycle:
         if out is None:
             path = clip.ensure_clip(data_cfg, role, clip_cfg, progress=True, tracker=tracker, device=device)
         else:
             clip.train_role(data_cfg, role, clip_cfg, out, tracker=tracker, progress=True, device=device)
             path = out
-        status = "FINISHED"
-    except (DataError, clip.ClipError) as e:
-        raise _fail(e) from None
-    finally:
-        finish(status)
     meta = clip.Clip(path).meta
     typer.echo(f"wrote {path}  ({meta.get('n_train')} pairs, {meta.get('train_wall_s', 0):.0f} s)")
     typer.echo(json.dumps(meta.get("heldout_retrieval", {}), indent=1))
 
 
-def _tracker(tracking_uri: str | None, dataset: str, role: str) -> tuple[Any, Callable[[str], None]]:
-    """(MlflowTracker or None, finish(status)) for an optional `--tracking-uri` (experiment "clip")."""
+def _tracked_run(tracking_uri: str | None, dataset: str, role: str) -> tuple[Any, ContextManager[Any]]:
+    """(MlflowTracker or None, the run's lifecycle) for an optional `--tracking-uri` (experiment "clip")."""
     if not tracking_uri:
-        return None, lambda status: None
+        return None, contextlib.nullcontext()
     from diffablate.studies import tracking
 
-    uri = tracking.validate_uri(tracking_uri)
-    tracking.check_reachable(uri)  # fail before training, not after
+    uri = tracking.open_tracking(tracking_uri, Path("."))  # creates a SQLite store (under the schema lock)
     run_id = tracking.start_run(uri, "clip", f"clip-{dataset}-{role}", tags={"diffablate.role": "clip",
                                                                             "diffablate.clip_role": role})
-    return tracking.MlflowTracker(run_id, uri), lambda status: tracking.end_run(uri, run_id, status)
+    return tracking.MlflowTracker(run_id, uri), tracking.run_lifecycle(uri, run_id)
 
 
 @clip_app.command("eval")
@@ -106,7 +101,10 @@ def evaluate(
     from diffablate.models import clip
     from diffablate.models.data import build_dataset
 
+    from diffablate.studies import preflight
+
     try:
+        preflight.check_device(device, "--device")
         data_cfg = _data_config(dataset, [s for s in (set_ or []) if not s.startswith("clip.")])
         model = clip.Clip(clip_dir, device=device)
         held = build_dataset(data_cfg, "heldout")

@@ -28,7 +28,9 @@ def fid(
     from diffablate.metrics.fid import compare_image_sets
     from diffablate.metrics.images import MetricsError, load_image_folder
     from diffablate.metrics.inception import FeatureExtractor
+    from diffablate.studies import preflight
 
+    preflight.fid([dir_a, dir_b], device=device)  # both folders and the device, every problem at once
     try:
         images_a = load_image_folder(dir_a)
         images_b = load_image_folder(dir_b)

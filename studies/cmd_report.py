@@ -30,17 +30,21 @@ def report(
 ) -> None:
     """Write report.md, report.html, trials.csv, claims.csv and figures/ for STUDY, from MLflow alone."""
     # Imported here so `diffablate --help` stays fast (mlflow, seaborn and scipy are heavy imports).
-    from diffablate.reports.build import build_report, find_optuna_storage, find_tracking_uri
+    from diffablate.reports.build import build_report, find_optuna_storage
     from diffablate.reports.load import ReportError
+    from diffablate.studies import preflight
+    from diffablate.studies import workdir as wdl
 
-    wd = workdir if workdir is not None else Path("studies-out") / study
-    uri = tracking_uri or find_tracking_uri(wd, study)
+    wd = workdir if workdir is not None else wdl.default_workdir(study)
+    out = out if out is not None else wd / "report"
     try:
+        # The store exists (a report never creates an empty one), study.json is sound, the output can be written.
+        uri = preflight.report(wd, study, tracking_uri=tracking_uri, out=out, optuna_storage=optuna_storage)
         relocate(uri)
-        result = build_report(study, uri, out if out is not None else wd / "report",
-                              optuna_storage=optuna_storage or find_optuna_storage(wd, study), log_to_mlflow=log)
-    except (ReportError, OSError, sqlite3.Error) as e:
-        typer.echo(f"error: {e}", err=True)
+        result = build_report(study, uri, out, optuna_storage=optuna_storage or find_optuna_storage(wd, study),
+                              log_to_mlflow=log)
+    except (ReportError, preflight.PreflightError, wdl.WorkdirError, OSError, sqlite3.Error) as e:
+        preflight.echo_errors(e)
         raise typer.Exit(2) from None
     verdicts = ", ".join(f"{c}: {v}" for c, v in zip(result.claims["claim"], result.claims["verdict"])) or "no claims"
     typer.echo(f"wrote {result.out_dir} ({len(result.files)} files; {verdicts})")

@@ -16,13 +16,18 @@ study_app = typer.Typer(help="Run and inspect Optuna studies tracked in MLflow."
 def _errors() -> tuple[type[BaseException], ...]:
     from diffablate.metrics.images import MetricsError
     from diffablate.models.data import DataError
+    from diffablate.studies.preflight import PreflightError
     from diffablate.studies.runner import StudyError
+    from diffablate.studies.tracking import TrackingError
+    from diffablate.studies.workdir import WorkdirError
 
-    return (ConfigError, SpecError, StudyError, DataError, MetricsError)
+    return (ConfigError, SpecError, StudyError, DataError, MetricsError, PreflightError, TrackingError, WorkdirError)
 
 
 def _fail(e: BaseException) -> None:
-    typer.echo(f"error: {e}", err=True)
+    from diffablate.studies.preflight import echo_errors
+
+    echo_errors(e)
     raise typer.Exit(2)
 
 
@@ -62,20 +67,25 @@ def run_cmd(
 
     try:
         spec = load_spec(spec_file)
-        runner.resolve_tracking_uri(tracking_uri)  # its syntax first: the cheapest check
         runner.check_pack(pack)
-        # Everything the spec parser cannot see (data files, FID weights, storage, work dir, MLflow store),
-        # checked before the work dir, the Optuna study or any MLflow run is created.
-        preflight.check_study(spec, workdir=workdir, storage=storage, new_name=new_name)
-        uri = runner.check_tracking_uri(tracking_uri, connect=not dry_run)
+        # Everything the spec parser cannot see (each trial's config on this machine, data files, FID weights,
+        # Optuna's sampler and pruner, storage, work dir, MLflow store, an existing study), all problems at
+        # once, before the work dir, the Optuna study or any MLflow run is created.
+        preflight.study(spec, workdir=workdir, storage=storage, new_name=new_name, tracking_uri=tracking_uri,
+                        connect=not dry_run)
         if dry_run:
             _print_plan(spec)
             return
+        uri = runner.check_tracking_uri(tracking_uri, connect=True)  # creates an explicit SQLite store
         handle = runner.run_study(spec, workdir=workdir, storage=storage, new_name=new_name, workers=workers,
                                   workers_per_gpu=workers_per_gpu, trial_fn=trial_fn, tracking_uri=uri,
                                   log=typer.echo, pack=pack)
     except _errors() as e:
         _fail(e)
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the trials were re-queued, their MLflow runs closed KILLED
+        typer.echo("study run interrupted: any trial it was running is re-queued (its MLflow run closed KILLED, "
+                   "its checkpoints kept in the work dir)", err=True)
+        raise
     _print_status(handle)
 
 
@@ -142,19 +152,24 @@ def eval_cmd(
     from rich.console import Console
     from rich.table import Table
 
+    from diffablate.models.checkpoint import CheckpointError
+    from diffablate.studies import preflight
     from diffablate.studies.evaluate import evaluate_run, format_metrics
 
     try:
-        cfg = None
-        if set_:
-            from diffablate.models.trainer import load_trained
+        preflight.evaluate(run, device=device)
+        from diffablate.models import checkpoint as ckpt
+        from diffablate.models.config import RunConfig
 
-            bad = [s for s in set_ if not s.startswith("eval.")]
-            if bad:
-                raise ConfigError(f"--set {bad[0]!r}: eval only accepts eval.* overrides")
-            cfg = load_trained(run, "cpu").cfg.with_overrides(set_)
-        metrics = evaluate_run(run, cfg=cfg, n=n, device=device)
-    except _errors() as e:
+        bad = [s for s in set_ or [] if not s.startswith("eval.")]
+        if bad:
+            raise ConfigError(f"--set {bad[0]!r}: eval only accepts eval.* overrides")
+        path = ckpt.resolve_checkpoint(run)
+        cfg = RunConfig.from_dict(ckpt.read_json(path, "config.json"), where=str(path / "config.json"))
+        cfg = cfg.with_overrides(set_ or [])
+        preflight.evaluate_config(cfg)
+        metrics = evaluate_run(run, cfg=cfg if set_ else None, n=n, device=device)
+    except (*_errors(), CheckpointError) as e:
         _fail(e)
     except FileNotFoundError as e:
         _fail(e)
@@ -173,11 +188,12 @@ def ui_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address; anything but loopback exposes unauthenticated UIs."),
 ) -> None:
     """Serve the MLflow UI and optuna-dashboard for one work directory until Ctrl-C."""
-    from diffablate.studies import runner, ui
+    from diffablate.studies import preflight, runner, ui
 
-    ui.stop_on_sigterm()
     try:
         wd = runner.resolve_workdir(workdir)
+        # Ports, host, the study's stores and both executables, before a store is touched or logs/ written.
+        preflight.ui(wd, host=host, ports={"--mlflow-port": mlflow_port, "--optuna-port": optuna_port})
         servers = ui.start_ui(wd, host, mlflow_port, optuna_port)
     except _errors() as e:
         _fail(e)

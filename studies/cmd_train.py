@@ -1,7 +1,8 @@
 """CLI commands: `train`, `sample`, `config show`. Thin: parse, build, call models.trainer; no logic of its own.
 
 Errors a user can cause (bad config, dataset, tracking URI, checkpoint) print `error: <message>` to stderr
-and exit 2 before any compute; a diverged run exits 1 after its MLflow run is marked FAILED.
+and exit 2 before any compute (studies/preflight.py, the CLI's one handler); a diverged run exits 1 after its
+MLflow run is marked FAILED; Ctrl-C or SIGTERM closes it KILLED and says how to resume.
 """
 
 from __future__ import annotations
@@ -35,9 +36,21 @@ def _fail(msg: object, code: int = 2) -> typer.Exit:
 
 
 def resolve_config(config: Optional[Path], sets: Optional[List[str]]) -> RunConfig:
-    """`--config FILE` (TOML/JSON; default: the built-in defaults) with `--set key=value` overrides applied."""
+    """`--config FILE` (TOML/JSON; default: the built-in defaults) with `--set key=value` overrides applied.
+    Several bad `--set`s are all reported (a PreflightError), not only the first."""
     cfg = RunConfig.from_file(config) if config is not None else RunConfig()
-    return cfg.with_overrides(sets or [])
+    try:
+        return cfg.with_overrides(sets or [])
+    except ConfigError as e:
+        from diffablate.studies.preflight import PreflightError
+
+        alone = []
+        for item in sets or []:  # which overrides are wrong on their own (a combination may be wrong too)
+            try:
+                cfg.with_overrides([item])
+            except ConfigError as one:
+                alone.append(str(one))
+        raise PreflightError(alone if len(alone) > 1 else [str(e)]) from None
 
 
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="TOML or JSON config file (default: built-in defaults).")
@@ -47,10 +60,7 @@ SET_OPT = typer.Option(None, "--set", "-s", help="Override a field: --set train.
 @config_app.command("show")
 def config_show(config: Optional[Path] = CONFIG_OPT, set_: Optional[List[str]] = SET_OPT) -> None:
     """Print the resolved config as TOML (the same as `train --dry-run`)."""
-    try:
-        cfg = resolve_config(config, set_)
-    except ConfigError as e:
-        raise _fail(e) from None
+    cfg = resolve_config(config, set_)
     typer.echo(cfg.to_toml(), nl=False)
 
 
@@ -76,64 +86,66 @@ def train_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (only on a terminal)."),
 ) -> None:
     """Train one configuration, tracked in MLflow; re-running the same command resumes from its checkpoint."""
-    from diffablate.models.checkpoint import CheckpointError
+    from diffablate.models.checkpoint import CheckpointError, latest_checkpoint
     from diffablate.models.data import DataError
-    from diffablate.models.device import resolve_device, resolve_perf
     from diffablate.models.trainer import TrainingDiverged, train
-    from diffablate.studies import tracking
+    from diffablate.studies import preflight, tracking
 
-    try:
-        cfg = resolve_config(config, set_)
-        if dry_run:
-            typer.echo(cfg.to_toml(), nl=False)
-            return
-        resolve_perf(cfg.perf, resolve_device(cfg.device))  # device / perf errors before anything is created
-        name = run_name or default_run_name(cfg)
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-            raise ConfigError(f"--run-name: use letters, digits, '.', '_' and '-' only, got {name!r}")
-        uri = tracking.open_tracking(tracking_uri, workdir)
-    except (ConfigError, tracking.TrackingError) as e:
-        raise _fail(e) from None
+    cfg = resolve_config(config, set_)
+    if dry_run:
+        typer.echo(cfg.to_toml(), nl=False)
+        return
+    name = run_name or default_run_name(cfg)
+    # Device, perf, data files, paths, the MLflow store: every problem at once, before anything is created.
+    preflight.train(cfg, workdir=workdir, tracking_uri=tracking_uri, run_name=name, experiment=experiment)
+    uri = tracking.open_tracking(tracking_uri, workdir)
 
     run_dir = workdir / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    run_id = _mlflow_run(uri, experiment, name, run_dir, resume=not no_resume, cfg=cfg, workdir=workdir)
+    run_id, resumed = _mlflow_run(uri, experiment, name, run_dir, resume=not no_resume, cfg=cfg, workdir=workdir)
     tracker = tracking.MlflowTracker(run_id, uri)
     typer.echo(f"run {name}: {run_dir} (MLflow run {run_id} in {uri}, experiment {experiment!r})", err=True)
+
+    def ending(e: BaseException) -> tracking.RunEnding | None:
+        if isinstance(e, TrainingDiverged):
+            return tracking.RunEnding("FAILED", "FAIL", e.reason)
+        if isinstance(e, (ConfigError, DataError, CheckpointError)):
+            return tracking.RunEnding("FAILED", "FAIL", str(e))
+        return None  # interrupts KILLED, anything else FAILED (tracking.default_ending)
+
     try:
-        result = train(cfg, run_dir, tracker=tracker, resume=not no_resume, progress=progress)
+        with tracking.run_lifecycle(uri, run_id, reopen=resumed, ending_for=ending):
+            result = train(cfg, run_dir, tracker=tracker, resume=not no_resume, progress=progress)
     except TrainingDiverged as e:
-        tracker.set_tags({"diffablate.status": "FAIL", "diffablate.fail_reason": e.reason})
-        tracking.end_run(uri, run_id, "FAILED")
         raise _fail(e, code=1) from None
-    except (ConfigError, DataError, CheckpointError) as e:
-        tracker.set_tags({"diffablate.status": "FAIL", "diffablate.fail_reason": str(e)})
-        tracking.end_run(uri, run_id, "FAILED")
-        raise _fail(e) from None
-    except BaseException:
-        tracking.end_run(uri, run_id, "KILLED")
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the CLI's handler prints how to resume
+        latest = latest_checkpoint(run_dir)
+        typer.echo(f"run {name}: MLflow run {run_id} closed KILLED; "
+                   + (f"newest checkpoint {latest} (a rerun continues from there)" if latest is not None
+                      else "no checkpoint yet (a rerun starts at step 0)"), err=True)
         raise
-    tracker.set_tags({"diffablate.status": "COMPLETE"})
-    tracking.end_run(uri, run_id, "FINISHED")
     typer.echo(f"done: {result.steps_done} steps, train loss {result.final_train_loss:.4f}, held-out loss "
                f"{result.heldout_loss:.4f}, {result.img_per_s:.0f} img/s, {result.wall_s:.0f} s; {run_dir}")
 
 
 def _mlflow_run(uri: str, experiment: str, name: str, run_dir: Path, *, resume: bool, cfg: RunConfig,
-                workdir: Path) -> str:
-    """The run recorded in run_dir when resuming (and it still exists), else a new one."""
+                workdir: Path) -> tuple[str, bool]:
+    """(run id, resumed): the run recorded in run_dir when resuming (and it still exists), else a new one."""
     from diffablate.studies import tracking
 
     record = run_dir / RUN_RECORD
     if resume and record.is_file():
-        saved = json.loads(record.read_text())
-        if saved.get("tracking_uri") == uri and tracking.run_exists(uri, saved["run_id"]):
-            tracking.reopen_run(uri, saved["run_id"])
-            return saved["run_id"]
+        try:
+            saved = json.loads(record.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            saved = {}  # a damaged record: start a new MLflow run (the checkpoints still resume the training)
+        run_id = saved.get("run_id") if isinstance(saved, dict) else None
+        if isinstance(run_id, str) and saved.get("tracking_uri") == uri and tracking.run_exists(uri, run_id):
+            return run_id, True
     run_id = tracking.start_run(uri, experiment, name, tags={"diffablate.role": "train", "diffablate.seed": str(cfg.seed)},
                                 workdir=workdir)
     record.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri, "experiment": experiment}))
-    return run_id
+    return run_id, False
 
 
 def sample_cmd(
@@ -155,7 +167,9 @@ def sample_cmd(
     from diffablate.models.checkpoint import CheckpointError, read_json
     from diffablate.models.probes import grid_image
     from diffablate.models.trainer import load_trained
+    from diffablate.studies import preflight
 
+    preflight.sample(path, device=device, out=out, prompts=prompts)
     try:
         if sampler not in diffusion.SAMPLERS:
             raise ConfigError(f"--sampler: must be one of {list(diffusion.SAMPLERS)}, got {sampler!r}")

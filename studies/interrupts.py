@@ -4,7 +4,7 @@
 process on the spot: no `finally`, an MLflow run left RUNNING, an Optuna trial left to the heartbeat. Here
 SIGTERM raises `Terminated`, a KeyboardInterrupt, so every path that already cleans up after Ctrl-C (the
 run lifecycle closes the MLflow run KILLED, a trial is re-queued, `ui` stops its servers) does the same for
-SIGTERM. Once one interrupt is being handled, a further SIGTERM is ignored, so the clean-up runs to its end
+SIGTERM. In `study run`'s worker processes either signal raises `WorkerInterrupted` (see there). Once one interrupt is being handled, a further SIGTERM is ignored, so the clean-up runs to its end
 (`study run` forwards SIGTERM to workers that may already be cleaning up after the terminal's Ctrl-C).
 """
 
@@ -19,16 +19,26 @@ _state = {"interrupted": False}
 
 
 class Terminated(KeyboardInterrupt):
-    """Raised in the main thread when the process receives SIGTERM (or, in a worker, the first SIGINT/SIGTERM)."""
+    """Raised in a CLI process's main thread when it receives SIGTERM."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
+class WorkerInterrupted(SystemExit):
+    """Raised in a `study run` worker process by its first SIGINT or SIGTERM. A SystemExit, so the process ends
+    quietly with 128 + the signal's number once the trial is cleaned up (a KeyboardInterrupt would make
+    multiprocessing print a traceback); every clean-up path treats it like Ctrl-C (`except BaseException`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
 def describe(e: BaseException) -> str:
     """"SIGTERM", "Ctrl-C (SIGINT)", "SystemExit 3": what interrupted the command, for messages and MLflow tags."""
-    if isinstance(e, Terminated):
+    if isinstance(e, (Terminated, WorkerInterrupted)):
         return signal.Signals(e.signum).name
     if isinstance(e, KeyboardInterrupt):
         return "Ctrl-C (SIGINT)"
@@ -58,7 +68,7 @@ def _on_worker_signal(signum: int, frame: Any) -> None:
     if _state["interrupted"]:
         return
     _state["interrupted"] = True
-    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+    raise WorkerInterrupted(signum)
 
 
 def _install(handlers: dict[int, Any]) -> dict[int, Any]:

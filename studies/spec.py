@@ -195,10 +195,14 @@ def objective_metric(score: str, cfg: RunConfig) -> str:
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a spec file; SpecError names the file or the field."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a directory; a FIFO would block the read forever
+        raise SpecError(f"{path}: cannot read study spec (not a regular file)")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError(f"{path}: cannot read study spec ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     return parse_spec(text, where=str(path))
 
 
@@ -206,7 +210,7 @@ def parse_spec(text: str, *, where: str = "spec") -> StudySpec:
     """Parse TOML text into a validated StudySpec. Never raises anything but SpecError for bad input."""
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+    except ValueError as e:  # TOMLDecodeError, or an integer beyond Python's 4300-digit conversion limit
         raise SpecError(f"{where}: not valid TOML: {e}") from None
     spec = spec_from_dict(raw)
     object.__setattr__(spec, "source", text)

@@ -132,8 +132,9 @@ def _fail_fast() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def check_reachable(uri: str) -> None:
-    """One cheap round trip to the store; TrackingError with the cause if it fails."""
+def check_reachable(uri: str, *, touch_store: bool = True) -> None:
+    """One cheap round trip to the store; TrackingError with the cause if it fails. touch_store=False (a
+    preflight): for a database only connect - an MLflow client's first call would create its tables there."""
     scheme = urlparse(uri).scheme.split("+")[0]
     try:
         if scheme in DB_SCHEMES[1:]:
@@ -144,6 +145,8 @@ def check_reachable(uri: str) -> None:
             with engine.connect():
                 pass
             engine.dispose()
+            if not touch_store:
+                return
         with _fail_fast():
             client(uri).search_experiments(max_results=1)
     except TrackingError:

@@ -8,9 +8,11 @@ The trial's outcome is written to both systems the same way:
 | pruned at an eval step       | PRUNED       | KILLED            | PRUNED            | why         |
 | diverged (TrainingDiverged)  | FAIL         | FAILED            | FAIL              | the reason  |
 | any other error              | FAIL         | FAILED            | FAIL              | the error   |
+| Ctrl-C / SIGTERM             | FAIL, queued | KILLED            | FAIL              | interrupted |
 | worker died (heartbeat stale)| FAIL, retried| reopened by retry | (the retry's)     |             |
 
-Optuna keeps the reason as the trial user attr `fail_reason` and the MLflow run id as `mlflow_run_id`.
+Optuna keeps the reason as the trial user attr `fail_reason` and the MLflow run id as `mlflow_run_id`. The
+MLflow side of each row is `tracking.run_lifecycle` with `_ending` below.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _exe(name: str) -> str:
+def executable(name: str) -> str:
     # Prefer the console script next to this interpreter (the venv's), then PATH.
     here = Path(sys.executable).parent / name
     found = str(here) if here.exists() else shutil.which(name)
@@ -73,15 +73,15 @@ def ui_commands(workdir: Path, host: str, mlflow_port: int, optuna_port: int) ->
         raise StudyError(f"{workdir}: its studies use {len(storages)} Optuna storages; optuna-dashboard shows one")
     url = storages.pop()
     study_client(workdir)  # re-points artifact paths if the directory was copied from elsewhere
-    mlflow = [_exe("mlflow"), "server", "--backend-store-uri", tracking_uri(workdir),
+    mlflow = [executable("mlflow"), "server", "--backend-store-uri", tracking_uri(workdir),
               "--default-artifact-root", artifact_root(workdir), "--host", host, "--port", str(mlflow_port),
               "--workers", "1"]
     if host not in ("127.0.0.1", "localhost"):
         mlflow += ["--allowed-hosts", "*"]  # MLflow 3 rejects non-local Host headers unless told
     if url.startswith("journal:"):
-        dash = [_exe("optuna-dashboard"), "--storage-class", "JournalFileStorage", url[len("journal:"):]]
+        dash = [executable("optuna-dashboard"), "--storage-class", "JournalFileStorage", url[len("journal:"):]]
     else:
-        dash = [_exe("optuna-dashboard"), url]
+        dash = [executable("optuna-dashboard"), url]
     dash += ["--host", host, "--port", str(optuna_port), "--quiet"]
     return mlflow, dash
 
@@ -128,15 +128,6 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) ->
     raise StudyError(f"{url}: no answer after {timeout_s:.0f} s; see {log}")
 
 
-def stop_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit so `finally` blocks stop the servers (the default would orphan them)."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def serve_until_interrupted(servers: UiServers, echo: Callable[[str], None] = print) -> None:
     echo(f"MLflow:           {servers.mlflow_url}")
     echo(f"Optuna dashboard: {servers.optuna_url}")
@@ -145,7 +136,7 @@ def serve_until_interrupted(servers: UiServers, echo: Callable[[str], None] = pr
         while all(p.poll() is None for p in servers.procs):
             time.sleep(0.5)
         echo("a server exited; stopping the other")
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (the CLI turns it into a KeyboardInterrupt)
         pass
     finally:
         servers.stop()

@@ -6,6 +6,8 @@ there; nothing inside stores a path that breaks)::
     <workdir>/
       optuna.db            Optuna storage (default; `--storage` may name another)
       mlflow.db            MLflow tracking store (default; `--tracking-uri` may name another)
+      .mlflow.db.lock      empty; processes take turns creating mlflow.db's schema under it (studies/tracking.py)
+      .diffablate-store.json   where mlflow.db was last opened (moved work dirs get their artifact paths re-pointed)
       mlartifacts/         MLflow artifacts of the experiments created in mlflow.db
       runs/<study>/<planned>/   checkpoints of each planned trial (keyed by plan, so a retry resumes them)
       specs/<study>.toml   the spec text each study ran with

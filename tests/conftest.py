@@ -31,10 +31,16 @@ TINY_BASE: dict[str, Any] = {
 }
 
 
+@pytest.fixture(scope="session")
+def tiny_base_factory() -> Callable[[], dict[str, Any]]:
+    """For module- and session-scoped fixtures: returns a fresh copy of the tiny config dict at each call."""
+    return lambda: copy.deepcopy(TINY_BASE)
+
+
 @pytest.fixture()
-def tiny_base() -> dict[str, Any]:
+def tiny_base(tiny_base_factory: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """The tiny config as a nested dict (a spec's [base] table, a config file); a fresh copy per test."""
-    return copy.deepcopy(TINY_BASE)
+    return tiny_base_factory()
 
 
 @pytest.fixture()

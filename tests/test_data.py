@@ -85,10 +85,11 @@ def write_fashion(root, n=20):
     for prefix, count in (("train", n), ("t10k", n // 2)):
         imgs = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
         labels = (np.arange(count) % 10).astype(np.uint8)
+        # Real IDX headers (magic 0x0803 / 0x0801, then the sizes): the reader checks them against the data.
         with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(b"\0" * 16 + imgs.tobytes())
+            f.write(np.array([0x803, count, 28, 28], dtype=">u4").tobytes() + imgs.tobytes())
         with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(b"\0" * 8 + labels.tobytes())
+            f.write(np.array([0x801, count], dtype=">u4").tobytes() + labels.tobytes())
     return root
 
 

@@ -364,9 +364,16 @@ def _paths(d: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
 
 
 _PATHS = _paths(BASE)
-_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                     st.text(max_size=12), st.sampled_from(["uniform", "sequential", "cross-attention", "on", "off",
-                                                            "factorial", "search", "minimize", "shapes", "folder"]))
+# Non-finite and huge numbers (beyond 64 bits, beyond float range, near Python's 4300-digit str limit), dates
+# (TOML has them), odd characters (controls, NUL, surrogate-free unicode), and the spec's own vocabulary.
+_numbers = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
+                     st.sampled_from([float("inf"), -float("inf"), float("nan"), 2**63, -2**63 - 1, 2**64, 10**30,
+                                      10**400, -10**400, 10**4000, 1e308, 5e-324]))
+_odd_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=12) | st.sampled_from(
+    ["", " ", "\n", "a\x00b", "\x7f", "../..", "cuda:x", "cuda:99", "1e999", "inf", "nan", "\u202e"])
+_scalars = st.one_of(st.none(), st.booleans(), _numbers, _odd_text, st.dates(),
+                     st.sampled_from(["uniform", "sequential", "cross-attention", "on", "off",
+                                      "factorial", "search", "minimize", "shapes", "folder"]))
 _values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                          st.dictionaries(st.text(max_size=8), inner, max_size=3)),
                        max_leaves=8)
@@ -416,3 +423,73 @@ def test_fuzz_spec_shuffled_lines(lines: list[str]) -> None:
         parse_spec("\n".join(lines), where="fuzz.toml")
     except SpecError as e:
         assert str(e)
+
+
+# --- the `--set` parser, config files and spec files of any type ---------------------------------------------
+
+_CONFIG_KEYS = sorted(__import__("diffablate.models.config", fromlist=["RunConfig"]).RunConfig().flat())
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.sampled_from(_CONFIG_KEYS) | st.text(max_size=12),
+       raw=st.one_of(_odd_text, st.text(max_size=40), st.sampled_from(
+           ["inf", "-inf", "nan", "1e999", "-1e999", str(2**63), str(2**64), "9" * 400, "9" * 5000, "1979-05-27",
+            "[1, 2", "[inf]", "{a = 1}", "true", "'x'", '"\\u0000"', "0x10", "1_000", "+1", "--1"])))
+def test_fuzz_set_parser_only_config_errors(key: str, raw: str) -> None:
+    """Any `--set KEY=VALUE` either gives a valid config (every number in it finite and 64-bit) or a
+    ConfigError naming what it was given - never another exception."""
+    import math
+
+    from diffablate.models.config import ConfigError, RunConfig
+
+    try:
+        cfg = RunConfig().with_overrides([f"{key}={raw}"])
+    except ConfigError as e:
+        assert str(e).strip()
+        return
+    for k, v in cfg.flat().items():
+        if isinstance(v, float):
+            assert math.isfinite(v), (k, v)
+        if isinstance(v, int):
+            assert -2**63 <= v < 2**63, (k, v)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=300))
+def test_fuzz_config_and_spec_files_any_bytes(tmp_path: Path, data: bytes) -> None:
+    """Arbitrary bytes as a config file or a spec file: ConfigError / SpecError naming the file, nothing else."""
+    from diffablate.models.config import ConfigError, RunConfig
+    from diffablate.studies.spec import load_spec
+
+    f = tmp_path / "fuzz.toml"
+    f.write_bytes(data)
+    for load, err in ((RunConfig.from_file, ConfigError), (load_spec, SpecError)):
+        try:
+            load(f)
+        except err as e:
+            assert str(e).strip()
+
+
+@pytest.mark.timeout(60)  # a FIFO used to block the reader forever
+@pytest.mark.parametrize("kind", ["fifo", "directory", "dangling-symlink", "symlink-loop", "dev-null"])
+def test_config_and_spec_files_of_odd_types(tmp_path: Path, kind: str) -> None:
+    import os
+
+    from diffablate.models.config import ConfigError, RunConfig
+    from diffablate.studies.spec import load_spec
+
+    f = tmp_path / "odd.toml"
+    if kind == "fifo":
+        os.mkfifo(f)
+    elif kind == "directory":
+        f.mkdir()
+    elif kind == "dangling-symlink":
+        f.symlink_to(tmp_path / "nowhere")
+    elif kind == "symlink-loop":
+        f.symlink_to(f)
+    else:
+        f = Path("/dev/null") if Path("/dev/null").exists() else pytest.skip("no /dev/null")
+    with pytest.raises(ConfigError, match=str(f)):
+        RunConfig.from_file(f)
+    with pytest.raises(SpecError, match=str(f)):
+        load_spec(f)
