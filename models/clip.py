@@ -23,13 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,9 +34,11 @@ from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 import torch
 from torch import nn
 
+from diffablate.models import cache
 from diffablate.models.config import ConfigError, DataConfig, RunConfig, _build, _check, _parse_overrides, _positive
 from diffablate.models.data import CaptionedImages, build_dataset
 from diffablate.models.device import resolve_device
+from diffablate.models.retrieval import retrieval_scores
 from diffablate.models.text import TextEmbedding, TextEncoder
 
 CACHE_VERSION = 1  # bump when training code changes what a cached CLIP contains
@@ -424,18 +421,14 @@ class Clip:
 # --- the cache ------------------------------------------------------------------------------------
 
 
-def cache_root() -> Path:
-    """`$DIFFABLATE_CACHE` or ~/.cache/diffablate."""
-    return Path(os.environ.get("DIFFABLATE_CACHE", Path.home() / ".cache" / "diffablate"))
+cache_root = cache.cache_root
 
 
 def cache_key(data_cfg: DataConfig, role: str, clip_cfg: ClipConfig) -> str:
     """Stable hash of what determines a trained CLIP. n_heldout is left out: it does not touch training."""
     _role(role)
     data = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k != "n_heldout"}
-    blob = json.dumps({"data": data, "clip": dataclasses.asdict(clip_cfg), "role": role, "v": CACHE_VERSION},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return cache.key_of({"data": data, "clip": dataclasses.asdict(clip_cfg), "role": role, "v": CACHE_VERSION})
 
 
 def role_split(train: CaptionedImages, role: str) -> CaptionedImages:
@@ -456,26 +449,13 @@ def ensure_clip(data_cfg: DataConfig, role: str, clip_cfg: ClipConfig | None = N
     retrieval numbers are stored in its diffablate_clip.json (and sent to the tracker).
     """
     clip_cfg = clip_cfg or ClipConfig()
-    _role(role)
-    root = cache_root() / "clip"
-    final = root / cache_key(data_cfg, role, clip_cfg)
-    if (final / META_FILE).is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if training raises
-        if (final / META_FILE).is_file():  # another worker finished while we waited
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-        try:
-            train_role(data_cfg, role, clip_cfg, tmp, tracker=tracker, progress=progress, device=device,
-                       meta={"cache_key": final.name})
-            if final.exists():  # a stale partial dir (no metadata) from a crash predating the lock
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    key = cache_key(data_cfg, role, clip_cfg)
+
+    def build(tmp: Path) -> None:
+        train_role(data_cfg, role, clip_cfg, tmp, tracker=tracker, progress=progress, device=device,
+                   meta={"cache_key": key})
+
+    return cache.ensure_dir(cache_root() / "clip", key, build, complete=META_FILE)
 
 
 def train_role(data_cfg: DataConfig, role: str, clip_cfg: ClipConfig, out_dir: str | Path, *,
@@ -494,9 +474,6 @@ def train_role(data_cfg: DataConfig, role: str, clip_cfg: ClipConfig, out_dir: s
 def record_heldout_retrieval(clip_dir: str | Path, data_cfg: DataConfig, tracker: Tracker | None = None,
                              device: str = "auto") -> dict[str, float]:
     """Score the CLIP's held-out retrieval, store it in its diffablate_clip.json and send it to the tracker."""
-    # Imported here: retrieval is a metric; models/ only calls it to record how good the cached CLIP is.
-    from diffablate.metrics.retrieval import retrieval_scores
-
     heldout = build_dataset(data_cfg, "heldout")
     clip = Clip(clip_dir, device=device)
     scores = retrieval_scores(clip.image_embeds(heldout.images), clip.text_embeds(heldout.captions), heldout.captions)

@@ -58,7 +58,7 @@ def _one_of(path: str, value: str, choices: typing.Iterable[str]) -> None:
 def _registry_names(kind: str) -> list[str]:
     # Imported lazily: the registries live beside the classes they build (models/axes.py, models/data.py),
     # and importing them here at module import would create a cycle with the trainer.
-    from diffablate.models import axes, data, diffusion, text
+    from diffablate.models import axes, data, diffusion, space, text
 
     return {
         "sampler": list(diffusion.SAMPLERS),
@@ -68,6 +68,7 @@ def _registry_names(kind: str) -> list[str]:
         "loss_weighting": list(axes.LOSS_WEIGHTINGS),
         "dataset": list(data.DATASETS),
         "text_encoder": list(text.TEXT_ENCODERS),
+        "space": list(space.SPACES),
     }[kind]
 
 
@@ -156,9 +157,10 @@ class AxesConfig:
     loss_aware_uniform_prob: float = 0.001  # improved-diffusion's floor so no t gets probability zero
     min_snr_gamma: float = 5.0  # Min-SNR-gamma (Hang et al. 2023): their recommended gamma
     cond_dropout: float = 0.1  # classifier-free guidance: caption dropped (null text) this often in training
+    space: str = "pixel"  # where diffusion runs: "pixel" (the images) or "latent" (a VAE's latents, section vae)
 
     def validate(self, p: str = "axes") -> None:
-        for name in ("timestep_sampler", "time_embedding", "conditioning", "loss_weighting"):
+        for name in ("timestep_sampler", "time_embedding", "conditioning", "loss_weighting", "space"):
             _one_of(f"{p}.{name}", getattr(self, name), _registry_names(name))
         _positive(f"{p}.logit_normal_std", self.logit_normal_std)
         _positive(f"{p}.curriculum_stages", self.curriculum_stages)
@@ -284,6 +286,44 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class VaeConfig:
+    """The autoencoder of `axes.space = "latent"` (models/vae.py): a small diffusers AutoencoderKL trained
+    in-project per dataset and resolution. Every field but `path` is part of its cache key."""
+
+    path: str = ""  # local diffusers AutoencoderKL directory ("" = the cached one for this data + vae config)
+    downsample: int = 4  # f: 32 px -> 8x8 latents (SD's f = 8 is for 512 px; our images are 16x smaller)
+    latent_channels: int = 4  # SD's; 4x8x8 = 256 numbers for a 3x32x32 image (12x fewer)
+    block_channels: tuple[int, ...] = (32, 64, 64)  # widths per level, log2(f) + 1 levels; full-res convs cost most
+    layers_per_block: int = 1  # diffusers' default; SD uses 2, shapes needs less
+    norm_num_groups: int = 8  # must divide every width; diffusers' 32 would rule out small test / CPU widths
+    mid_attention: bool = True  # SD's mid-block self-attention, at latent resolution (64 tokens: cheap)
+    kl_weight: float = 1e-6  # LDM's kl-f8 weight: nearly deterministic latents that the scaling factor normalises
+    recon_loss: str = "l1"  # LDM's pixel term, without its LPIPS and GAN terms (no pretrained VGG offline)
+    steps: int = 1500  # shapes 32 px: 35.6 dB PSNR, SSIM 0.989 held out (measured, models/vae.py docstring)
+    batch_size: int = 32  # CPU-feasible; the same default everywhere, so a cached VAE is device-independent
+    lr: float = 1e-3  # AdamW; a 1 M-parameter conv autoencoder from scratch tolerates it with warm-up
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to 0
+    grad_clip: float = 1.0  # as the diffusion trainer
+    seed: int = 0  # init and batch order; independent of the run's seed, so every trial shares one VAE
+
+    def validate(self, p: str = "vae") -> None:
+        _one_of(f"{p}.downsample", self.downsample, [2, 4, 8])
+        levels = self.downsample.bit_length()  # log2(f) + 1
+        _check(len(self.block_channels) == levels, f"{p}.block_channels",
+               f"needs log2(vae.downsample) + 1 = {levels} entries for vae.downsample={self.downsample}",
+               self.block_channels)
+        for i, c in enumerate(self.block_channels):
+            _check(c > 0 and c % self.norm_num_groups == 0, f"{p}.block_channels[{i}]",
+                   f"must be > 0 and divisible by vae.norm_num_groups={self.norm_num_groups}", c)
+        for name in ("latent_channels", "layers_per_block", "norm_num_groups", "steps", "batch_size", "lr",
+                     "grad_clip"):
+            _positive(f"{p}.{name}", getattr(self, name))
+        _non_negative(f"{p}.kl_weight", self.kl_weight)
+        _one_of(f"{p}.recon_loss", self.recon_loss, ["l1", "mse"])
+        _non_negative(f"{p}.warmup_steps", self.warmup_steps)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that defines one training run. Frozen: derive variants with `with_overrides`."""
 
@@ -295,6 +335,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)  # used only when axes.space = "latent"
     seed: int = 0  # training seed: model init, noise, timesteps, dropout; varied across a study's seeds
     # Null controls: replicate k > 0 re-runs a cell with independent random streams while the logged seed
     # (the pairing key of every comparison) stays the same; 0 is the cell itself.
@@ -322,6 +363,11 @@ class RunConfig:
         if CONDITIONINGS.get(self.axes.conditioning).cross_attention:
             _check(any(self.model.attention_levels), "axes.conditioning",
                    "cross-attention needs at least one model.attention_levels entry = true", self.axes.conditioning)
+        if self.axes.space == "latent":  # the UNet runs at the latent resolution, data.resolution / vae.downsample
+            f, unet = self.vae.downsample, 2 ** (len(self.model.block_channels) - 1)
+            _check(self.data.resolution % (f * unet) == 0, "data.resolution",
+                   f"latent space: must be divisible by vae.downsample x 2**(len(model.block_channels)-1) = "
+                   f"{f} x {unet}", self.data.resolution)
 
     # --- serialisation ---------------------------------------------------------------------------
 

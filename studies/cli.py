@@ -24,6 +24,7 @@ from diffablate.studies import (
     cmd_report,
     cmd_study,
     cmd_train,
+    cmd_vae,
 )
 
 
@@ -83,7 +84,7 @@ def _root(
 
 
 # Each module owns its commands; registration order is the order of `diffablate --help`.
-for _module in (cmd_data, cmd_train, cmd_clip, cmd_metrics, cmd_study, cmd_report, cmd_bench):
+for _module in (cmd_data, cmd_train, cmd_clip, cmd_vae, cmd_metrics, cmd_study, cmd_report, cmd_bench):
     _module.register(app)
 
 
