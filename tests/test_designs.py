@@ -80,12 +80,12 @@ def test_claims_on_sampling_scores_name_panel_entries():
     with pytest.raises(SpecError, match=r"^claims\[0\]\.panel: only a sampling score"):
         spec_from_dict(spec_with(claims__0__panel=["ddpm-g3"], claims__0__metric="final_heldout_loss"))
     assert spec.panel_json()["entries"] == ["ddim-g1", "ddim-g3", "ddpm-g1", "ddpm-g3"]
-    assert spec.panel_json()["primary"] == "ddim-g3" and spec.panel_json()["flags"]["ddim"]["clip_sample"] is False
+    assert spec.panel_json()["primary"] == "ddpm-g3" and spec.panel_json()["flags"]["ddim"]["clip_sample"] is False
 
 
 def test_the_objective_on_a_sampling_score_reads_the_primary_entry():
     spec = spec_from_dict(BASE)
-    assert spec.objective_metric(spec.cells[0].cfg) == "oracle_acc/ddim-g3"
+    assert spec.objective_metric(spec.cells[0].cfg) == "oracle_acc/ddpm-g3"
     assert objective_metric("final_heldout_loss", spec.cells[0].cfg) == "final_heldout_loss"
 
 
