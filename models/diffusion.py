@@ -19,6 +19,7 @@ from diffablate.models import cuda_graph
 from diffablate.models.config import ConfigError, DiffusionConfig
 from diffablate.models.data import to_uint8
 from diffablate.models.registry import Registry
+from diffablate.models.targets import PREDICTION_TYPES, prediction_target
 from diffablate.models.text import TextEmbedding
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ def build_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
         beta_schedule=cfg.beta_schedule,
         beta_start=cfg.beta_start,
         beta_end=cfg.beta_end,
-        prediction_type=cfg.prediction_type,
+        prediction_type=PREDICTION_TYPES.get(cfg.prediction_type).scheduler_name,
         # Training only noises (add_noise) and never calls step(): no sampling flag is set or inherited here.
         # Every sampler builds its own scheduler with its flags written out (SAMPLERS below).
         clip_sample=False,
@@ -43,21 +44,13 @@ def build_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
 
 # --- training loss -------------------------------------------------------------------------------
 
-# Target of the network's output for each diffusion.prediction_type: f(scheduler, x0, noise, t).
-TARGETS: dict[str, Callable[[DDPMScheduler, Tensor, Tensor, Tensor], Tensor]] = {
-    "epsilon": lambda scheduler, x0, noise, t: noise,
-    "v_prediction": lambda scheduler, x0, noise, t: scheduler.get_velocity(x0, noise, t),
-}
-
-
 def training_target(scheduler: DDPMScheduler, x0: Tensor, noise: Tensor, t: Tensor, prediction_type: str) -> Tensor:
-    """What the network should output at (x0, noise, t): epsilon, or v = sqrt(a) eps - sqrt(1 - a) x0."""
+    """What the network should output at (x0, noise, t): the registered target (models/targets.py)."""
     try:
-        target = TARGETS[prediction_type]
-    except KeyError:
-        raise ConfigError(f"diffusion.prediction_type: must be one of {list(TARGETS)}, "
-                          f"got {prediction_type!r}") from None
-    return target(scheduler, x0, noise, t)
+        target = prediction_target(prediction_type)
+    except KeyError as e:
+        raise ConfigError(f"diffusion.prediction_type: {e.args[0]}") from None
+    return target.target(scheduler, x0, noise, t)
 
 
 def training_losses(denoiser: "Denoiser", scheduler: DDPMScheduler, x0: Tensor, t: Tensor, noise: Tensor,
@@ -107,7 +100,8 @@ class Sampler(ABC):
         # The training noise schedule, restated (not inherited): the sampler must invert exactly what noised.
         d = self.diffusion
         return {"num_train_timesteps": d.num_train_timesteps, "beta_schedule": d.beta_schedule,
-                "beta_start": d.beta_start, "beta_end": d.beta_end, "prediction_type": d.prediction_type,
+                "beta_start": d.beta_start, "beta_end": d.beta_end,
+                "prediction_type": PREDICTION_TYPES.get(d.prediction_type).scheduler_name,
                 "trained_betas": None}
 
 
@@ -307,16 +301,18 @@ def bucket_edges(num_timesteps: int, buckets: int) -> tuple[Tensor, Tensor, Tens
 
 @torch.no_grad()
 def timestep_bucket_losses(denoiser: "Denoiser", scheduler: DDPMScheduler, x0: Tensor, text: TextEmbedding,
-                           buckets: int, generator: torch.Generator, *, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+                           buckets: int, generator: torch.Generator, *, batch_size: int = 256,
+                           prediction_type: str | None = None) -> tuple[Tensor, Tensor]:
     """Held-out loss on a fixed timestep grid: (t_mid long [K], mean unweighted MSE float [K]), on the CPU.
 
     Every example is evaluated at the middle timestep of each of the K buckets of [0, T) (`bucket_edges`)
     with one noise draw per example, shared by all buckets so the profile over t is not confounded by
     noise. With a generator seeded identically at every evaluation the numbers are deterministic and
     comparable across steps and runs; their mean approximates the uniform-t held-out loss.
-    `x0` and `text` must already be on the denoiser's device.
+    `x0` and `text` must already be on the denoiser's device. `prediction_type` (models/targets.py) defaults
+    to the scheduler's, whose diffusers name is the registry's for every registered target.
     """
-    prediction_type = scheduler.config.prediction_type
+    prediction_type = prediction_type or scheduler.config.prediction_type
     _, _, t_mid = bucket_edges(scheduler.config.num_train_timesteps, buckets)
     noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
     totals = torch.zeros(buckets, dtype=torch.float64, device=x0.device)  # summed on device: no per-batch sync
