@@ -362,6 +362,14 @@ class RunConfig:
             _check(self.data.resolution % (f * unet) == 0, "data.resolution",
                    f"latent space: must be divisible by vae.downsample x 2**(len(model.block_channels)-1) = "
                    f"{f} x {unet}", self.data.resolution)
+        from diffablate.models.diffusion import SAMPLERS  # which samplers mean "clip x0 to the pixel range"
+        from diffablate.models.space import SPACES
+
+        if not SPACES.get(self.axes.space).clip_sample:  # scaled latents have no data range to clip to
+            for i, name in enumerate(self.eval.panel_samplers):
+                _check(not SAMPLERS.get(name).clips_by_definition, f"eval.panel_samplers[{i}]",
+                       f"clips the predicted x0 to the pixel range [-1, 1], which axes.space = "
+                       f"{self.axes.space!r} does not have; use 'ddim'", name)
 
     # --- serialisation ---------------------------------------------------------------------------
 
