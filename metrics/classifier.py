@@ -47,6 +47,7 @@ from torch import nn
 from diffablate.models.clip import cache_root
 from diffablate.models.config import DataConfig
 from diffablate.models.data import FASHION_CLASSES, CaptionedImages, build_dataset
+from diffablate.models.device import resolve_device
 
 CACHE_VERSION = 1  # bump when training code changes what a cached classifier contains
 META_FILE = "diffablate_classifier.json"
@@ -123,10 +124,6 @@ def _to_input(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.float().div(127.5).sub(1.0)  # the diffusion model's [-1, 1] convention
 
 
-def _resolve_device(device: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
-
-
 def _fashion(data_cfg: DataConfig) -> DataConfig:
     if data_cfg.name != "fashion-mnist":
         raise ClassifierError(f"data.name: the class-accuracy oracle is trained on 'fashion-mnist', got {data_cfg.name!r}")
@@ -156,7 +153,7 @@ def train_classifier(data_cfg: DataConfig, cfg: ClassifierConfig, out_dir: str |
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     full = _fashion(data_cfg)
     train, heldout = build_dataset(full, "train"), build_dataset(full, "heldout")
     if cfg.n_train:
@@ -290,7 +287,7 @@ def load_classifier(path: str | Path, device: str = "auto") -> Classifier:
     if not weights.is_file() or _sha256(weights) != expected:
         raise ClassifierError(f"{weights}: missing, or its SHA-256 differs from {meta_file.name}'s; "
                               f"delete {path} to retrain")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     model = _build(cfg, channels)
     try:
         model.load_state_dict(load_file(str(weights)))

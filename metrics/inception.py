@@ -53,16 +53,15 @@ def cache_dir() -> Path:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`"auto"` -> cuda when available, else cpu; anything else as torch understands it."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`"auto"` -> cuda when available, else cpu: models/device.py's `resolve_device` (the package's one), its
+    refusals (a malformed name, CUDA where there is none) raised as MetricsError naming --device."""
+    from diffablate.models.config import ConfigError
+    from diffablate.models.device import resolve_device as resolve
+
     try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as e:  # "tpu", "cuda:x": torch's own message says what it expected
-        raise MetricsError(f"--device: {device!r} is not a device (auto, cpu, cuda or cuda:N): {e}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise MetricsError(f"device {device!r} requested but CUDA is not available here (use --device cpu or auto)")
-    return resolved
+        return resolve(device, "--device")
+    except ConfigError as e:
+        raise MetricsError(str(e)) from None
 
 
 def find_source_weights() -> Path:

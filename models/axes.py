@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from diffablate.models.registry import Registry
+from diffablate.models.targets import prediction_target
 
 if TYPE_CHECKING:  # config/text import nothing from here at module load; keep it that way
     from diffablate.models.config import RunConfig
@@ -508,10 +509,7 @@ class MinSnrWeighting(LossWeighting):
     def __init__(self, cfg: "RunConfig", scheduler: Any) -> None:
         super().__init__(cfg, scheduler)
         self.gamma = cfg.axes.min_snr_gamma
-        self._divisor: Callable[[Tensor], Tensor] = {
-            "epsilon": lambda snr: snr,
-            "v_prediction": lambda snr: snr + 1,
-        }[self.prediction_type]
+        self._divisor: Callable[[Tensor], Tensor] = prediction_target(self.prediction_type).x0_mse_factor
 
     def weights(self, snr: Tensor) -> Tensor:
         return snr.clamp(max=self.gamma) / self._divisor(snr)

@@ -24,6 +24,8 @@ from typing import Any, Mapping
 
 import tomli_w
 
+from diffablate.models import choices
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message starts with the dotted field name."""
@@ -55,21 +57,9 @@ def _one_of(path: str, value: str, choices: typing.Iterable[str]) -> None:
     _check(value in choices, path, f"must be one of {choices}", value)
 
 
-def _registry_names(kind: str) -> list[str]:
-    # Imported lazily: the registries live beside the classes they build (models/axes.py, models/data.py),
-    # and importing them here at module import would create a cycle with the trainer.
-    from diffablate.models import axes, data, diffusion, space, text
-
-    return {
-        "sampler": list(diffusion.SAMPLERS),
-        "timestep_sampler": list(axes.TIMESTEP_SAMPLERS),
-        "time_embedding": list(axes.TIME_EMBEDDINGS),
-        "conditioning": list(axes.CONDITIONINGS),
-        "loss_weighting": list(axes.LOSS_WEIGHTINGS),
-        "dataset": list(data.DATASETS),
-        "text_encoder": list(text.TEXT_ENCODERS),
-        "space": list(space.SPACES),
-    }[kind]
+def _names(key: str) -> list[str]:
+    """The registry names config key `key` accepts (models/choices.py: one map for config and study specs)."""
+    return choices.names(key)
 
 
 # --- the sections ---------------------------------------------------------------------------------
@@ -87,7 +77,7 @@ class DataConfig:
     seed: int = 0  # the *data* seed: fixed splits that do not move with the training seed
 
     def validate(self, p: str = "data") -> None:
-        _one_of(f"{p}.name", self.name, _registry_names("dataset"))
+        _one_of(f"{p}.name", self.name, _names("data.name"))
         _check(4 <= self.resolution <= 1024, f"{p}.resolution", "must be in [4, 1024]", self.resolution)
         _check(self.resolution % 4 == 0, f"{p}.resolution", "must be a multiple of 4", self.resolution)
         _non_negative(f"{p}.n_train", self.n_train)
@@ -131,14 +121,14 @@ class DiffusionConfig:
     beta_schedule: str = "linear"  # "linear" (DDPM) or "squaredcos_cap_v2" (cosine, improved DDPM)
     beta_start: float = 0.0001  # DDPM's linear schedule endpoints
     beta_end: float = 0.02
-    prediction_type: str = "epsilon"  # "epsilon" (DDPM) or "v_prediction" (progressive distillation)
+    prediction_type: str = "epsilon"  # models/targets.py: "epsilon" (DDPM) or "v_prediction" (progressive distillation)
 
     def validate(self, p: str = "diffusion") -> None:
         _check(self.num_train_timesteps >= 2, f"{p}.num_train_timesteps", "must be >= 2", self.num_train_timesteps)
         _one_of(f"{p}.beta_schedule", self.beta_schedule, ["linear", "scaled_linear", "squaredcos_cap_v2"])
         _check(0 < self.beta_start < self.beta_end < 1, f"{p}.beta_start",
                "must satisfy 0 < beta_start < beta_end < 1", (self.beta_start, self.beta_end))
-        _one_of(f"{p}.prediction_type", self.prediction_type, ["epsilon", "v_prediction"])
+        _one_of(f"{p}.prediction_type", self.prediction_type, _names("diffusion.prediction_type"))
 
 
 @dataclass(frozen=True)
@@ -161,7 +151,7 @@ class AxesConfig:
 
     def validate(self, p: str = "axes") -> None:
         for name in ("timestep_sampler", "time_embedding", "conditioning", "loss_weighting", "space"):
-            _one_of(f"{p}.{name}", getattr(self, name), _registry_names(name))
+            _one_of(f"{p}.{name}", getattr(self, name), _names(f"axes.{name}"))
         _positive(f"{p}.logit_normal_std", self.logit_normal_std)
         _positive(f"{p}.curriculum_stages", self.curriculum_stages)
         _positive(f"{p}.loss_aware_history", self.loss_aware_history)
@@ -181,7 +171,7 @@ class TextConfig:
     layers: int = 1  # learned encoder: transformer layers over the token embeddings
 
     def validate(self, p: str = "text") -> None:
-        _one_of(f"{p}.encoder", self.encoder, _registry_names("text_encoder"))
+        _one_of(f"{p}.encoder", self.encoder, _names("text.encoder"))
         _check(2 <= self.max_length <= 512, f"{p}.max_length", "must be in [2, 512]", self.max_length)
         _positive(f"{p}.embed_dim", self.embed_dim)
         _non_negative(f"{p}.layers", self.layers)
@@ -269,7 +259,7 @@ class EvalConfig:
 
     def validate(self, p: str = "eval") -> None:
         _check(self.n_samples >= 2, f"{p}.n_samples", "must be >= 2 (FID needs a covariance)", self.n_samples)
-        samplers = _registry_names("sampler")
+        samplers = _names("eval.sampler")
         _one_of(f"{p}.sampler", self.sampler, samplers)
         _positive(f"{p}.sampling_steps", self.sampling_steps)
         _check(1.0 <= self.guidance_scale < math.inf, f"{p}.guidance_scale",
@@ -372,6 +362,14 @@ class RunConfig:
             _check(self.data.resolution % (f * unet) == 0, "data.resolution",
                    f"latent space: must be divisible by vae.downsample x 2**(len(model.block_channels)-1) = "
                    f"{f} x {unet}", self.data.resolution)
+        from diffablate.models.diffusion import SAMPLERS  # which samplers mean "clip x0 to the pixel range"
+        from diffablate.models.space import SPACES
+
+        if not SPACES.get(self.axes.space).clip_sample:  # scaled latents have no data range to clip to
+            for i, name in enumerate(self.eval.panel_samplers):
+                _check(not SAMPLERS.get(name).clips_by_definition, f"eval.panel_samplers[{i}]",
+                       f"clips the predicted x0 to the pixel range [-1, 1], which axes.space = "
+                       f"{self.axes.space!r} does not have; use 'ddim'", name)
 
     # --- serialisation ---------------------------------------------------------------------------
 

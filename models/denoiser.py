@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from diffablate.models.axes import CONDITIONINGS, TIME_EMBEDDINGS, Conditioning, TimeEmbedding
 from diffablate.models.config import ConfigError
+from diffablate.models.space import model_shape
 from diffablate.models.text import TextEmbedding
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ class Denoiser(nn.Module):
         return self.conditioning.ignores_text
 
 
-def _unet_kwargs(cfg: "RunConfig", conditioning: Conditioning, image_channels: int) -> dict:
+def _unet_kwargs(cfg: "RunConfig", conditioning: Conditioning, image_channels: int, side: int) -> dict:
     m = cfg.model
     cross = conditioning.cross_attention
     attn = m.attention_levels
@@ -81,7 +82,7 @@ def _unet_kwargs(cfg: "RunConfig", conditioning: Conditioning, image_channels: i
         # ... while AttnDownBlock2D / AttnUpBlock2D read the same argument as the real head width.
         heads_or_dim = (m.attention_head_dim,) * len(m.block_channels)
     kwargs = dict(
-        sample_size=cfg.data.resolution,
+        sample_size=side,  # x0's side in model space: data.resolution in pixels, / vae.downsample in latents
         in_channels=image_channels + conditioning.extra_in_channels,
         out_channels=image_channels,
         down_block_types=down,
@@ -100,18 +101,22 @@ def _unet_kwargs(cfg: "RunConfig", conditioning: Conditioning, image_channels: i
 
 
 def build_denoiser(cfg: "RunConfig", text_encoder: "TextEncoder", *, image_channels: int | None = None) -> Denoiser:
-    """The configured UNet with `axes.conditioning` and `axes.time_embedding` applied.
+    """The configured UNet with `axes.conditioning` and `axes.time_embedding` applied, for x0 of the shape
+    `axes.space` gives (models/space.py `model_shape`: the dataset's channels at data.resolution in pixel
+    space, vae.latent_channels at data.resolution / vae.downsample in latent space; concat's extra input
+    channels add on top).
 
-    `image_channels` defaults to the dataset's (see DATASET_CHANNELS). Impossible combinations raise
-    ConfigError naming the field before any weights are allocated.
+    `image_channels` overrides the space's channels. Impossible combinations raise ConfigError naming the
+    field before any weights are allocated.
     """
+    channels, side = model_shape(cfg)
     if image_channels is None:
-        image_channels = dataset_channels(cfg)
+        image_channels = channels
     conditioning = CONDITIONINGS.get(cfg.axes.conditioning)(cfg, text_encoder)
     time_embedding = TIME_EMBEDDINGS.get(cfg.axes.time_embedding)(cfg)
     if conditioning.cross_attention and not any(cfg.model.attention_levels):
         raise ConfigError("axes.conditioning: cross-attention needs at least one model.attention_levels entry = true")
-    unet = UNet2DConditionModel(**_unet_kwargs(cfg, conditioning, image_channels))
+    unet = UNet2DConditionModel(**_unet_kwargs(cfg, conditioning, image_channels, side))
     if not conditioning.cross_attention and cfg.model.attention_levels[-1]:
         c = cfg.model.block_channels[-1]
         unet.mid_block = UNetMidBlock2D(

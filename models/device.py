@@ -1,7 +1,8 @@
 """The device a run uses and its fast-path switches as they apply there (`cfg.device`, `cfg.perf`).
 
-One `resolve_device` for models/ (the trainer, sampling, the CLIP trainer): "auto" means CUDA when there is
-one, and asking for CUDA where there is none is a ConfigError naming the field, before anything is built.
+One `resolve_device` for the package (the trainer, sampling, the CLIP and VAE trainers, metrics/' Inception
+and classifier): "auto" means CUDA when there is one; a malformed name, or CUDA where there is none, is a
+ConfigError naming the field, before anything is built.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ def resolve_device(name: str | torch.device, field: str = "device") -> torch.dev
     config key or option in the error when CUDA is asked for and absent)."""
     if isinstance(name, str) and name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:  # "tpu", "cuda:x": torch's own message says what it expected
+        raise ConfigError(f"{field}: {name!r} is not a device (auto, cpu, cuda or cuda:N): {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{field}: {str(name)!r} requested but CUDA is not available")
     return dev

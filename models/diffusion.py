@@ -9,7 +9,7 @@ conditioning axes act identically in training and at sampling.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin
@@ -17,8 +17,9 @@ from torch import Tensor
 
 from diffablate.models import cuda_graph
 from diffablate.models.config import ConfigError, DiffusionConfig
-from diffablate.models.data import to_uint8
 from diffablate.models.registry import Registry
+from diffablate.models.space import SPACES, Space, build_space
+from diffablate.models.targets import PREDICTION_TYPES, prediction_target
 from diffablate.models.text import TextEmbedding
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ def build_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
         beta_schedule=cfg.beta_schedule,
         beta_start=cfg.beta_start,
         beta_end=cfg.beta_end,
-        prediction_type=cfg.prediction_type,
+        prediction_type=PREDICTION_TYPES.get(cfg.prediction_type).scheduler_name,
         # Training only noises (add_noise) and never calls step(): no sampling flag is set or inherited here.
         # Every sampler builds its own scheduler with its flags written out (SAMPLERS below).
         clip_sample=False,
@@ -43,21 +44,13 @@ def build_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
 
 # --- training loss -------------------------------------------------------------------------------
 
-# Target of the network's output for each diffusion.prediction_type: f(scheduler, x0, noise, t).
-TARGETS: dict[str, Callable[[DDPMScheduler, Tensor, Tensor, Tensor], Tensor]] = {
-    "epsilon": lambda scheduler, x0, noise, t: noise,
-    "v_prediction": lambda scheduler, x0, noise, t: scheduler.get_velocity(x0, noise, t),
-}
-
-
 def training_target(scheduler: DDPMScheduler, x0: Tensor, noise: Tensor, t: Tensor, prediction_type: str) -> Tensor:
-    """What the network should output at (x0, noise, t): epsilon, or v = sqrt(a) eps - sqrt(1 - a) x0."""
+    """What the network should output at (x0, noise, t): the registered target (models/targets.py)."""
     try:
-        target = TARGETS[prediction_type]
-    except KeyError:
-        raise ConfigError(f"diffusion.prediction_type: must be one of {list(TARGETS)}, "
-                          f"got {prediction_type!r}") from None
-    return target(scheduler, x0, noise, t)
+        target = prediction_target(prediction_type)
+    except KeyError as e:
+        raise ConfigError(f"diffusion.prediction_type: {e.args[0]}") from None
+    return target.target(scheduler, x0, noise, t)
 
 
 def training_losses(denoiser: "Denoiser", scheduler: DDPMScheduler, x0: Tensor, t: Tensor, noise: Tensor,
@@ -86,10 +79,24 @@ class Sampler(ABC):
     guidance 3 took a well-trained baseline's oracle accuracy from 0.60 to 0.03. Every flag that decides what
     the samples look like is therefore written out below, with its reason, and logged with every score
     (`flags()` -> the run's `samplers.json` artifact and `sampler.<name>.<flag>` params).
+
+    The space (`axes.space`, models/space.py) is one of those decisions: clipping the predicted x0 to [-1, 1]
+    states the *data range*, true of pixels and wrong for scaled latents (std 1 and unbounded; a latent
+    clipped at +-1 decodes to a wrecked image, which is why Stable Diffusion's schedulers set
+    clip_sample=False). A sampler clips only where its space allows it (`SPACES[space].clip_sample`), logs
+    the space beside its flags, and a sampler that *is* clipping (`ddim-clip`) refuses a space without a
+    data range.
     """
 
-    def __init__(self, diffusion_cfg: DiffusionConfig) -> None:
+    clips_by_definition: ClassVar[bool] = False  # True where the sampler means "clip x0 to the data range"
+
+    def __init__(self, diffusion_cfg: DiffusionConfig, space: str = "pixel") -> None:
         self.diffusion = diffusion_cfg
+        self.space = space
+        self.clip_data_range = SPACES.get(space).clip_sample  # may x0 be clipped to [-1, 1] here?
+        if self.clips_by_definition and not self.clip_data_range:
+            raise ConfigError(f"eval.panel_samplers: {type(self).__name__} clips the predicted x0 to the pixel range "
+                              f"[-1, 1], which the {space!r} space does not have; use 'ddim'")
 
     @abstractmethod
     def flags(self) -> dict[str, Any]:
@@ -107,7 +114,8 @@ class Sampler(ABC):
         # The training noise schedule, restated (not inherited): the sampler must invert exactly what noised.
         d = self.diffusion
         return {"num_train_timesteps": d.num_train_timesteps, "beta_schedule": d.beta_schedule,
-                "beta_start": d.beta_start, "beta_end": d.beta_end, "prediction_type": d.prediction_type,
+                "beta_start": d.beta_start, "beta_end": d.beta_end,
+                "prediction_type": PREDICTION_TYPES.get(d.prediction_type).scheduler_name,
                 "trained_betas": None}
 
 
@@ -137,7 +145,7 @@ class DDIMSampler(Sampler):
     clip = False
 
     def flags(self) -> dict[str, Any]:
-        return {**_COMMON_FLAGS, "scheduler": "DDIMScheduler", "clip_sample": self.clip,
+        return {**_COMMON_FLAGS, "space": self.space, "scheduler": "DDIMScheduler", "clip_sample": self.clip,
                 "clip_sample_range": 1.0, "use_clipped_model_output": self.clip,
                 # With trailing spacing the last step goes to t = -1: alpha_bar_prev = 1 makes that step return
                 # the model's x0 prediction (the clean image), as the DDIM paper's final step does.
@@ -160,9 +168,11 @@ class ClippedDDIMSampler(DDIMSampler):
     """DDIM with the predicted x0 clipped to the data range [-1, 1] AND the epsilon recomputed from the
     clipped x0 (`use_clipped_model_output`), so the step stays consistent: improved-diffusion's
     `ddim_sample(clip_denoised=True)`. Kept beside `ddim` because clipping is exactly what broke the old
-    default: the two differ only in that, so a panel with both shows what clipping does."""
+    default: the two differ only in that, so a panel with both shows what clipping does. Pixel space only
+    (see `Sampler`): clipping is what it is."""
 
     clip = True
+    clips_by_definition = True
 
 
 @SAMPLERS.register("ddpm")
@@ -172,13 +182,14 @@ class DDPMSampler(Sampler):
     from the sampling generator."""
 
     def flags(self) -> dict[str, Any]:
-        return {**_COMMON_FLAGS, "scheduler": "DDPMScheduler",
+        return {**_COMMON_FLAGS, "space": self.space, "scheduler": "DDPMScheduler",
                 # Ho et al.: sigma_t^2 = beta~_t, the posterior variance (their other choice, beta_t, gave
                 # similar samples; beta~ is what a fixed-variance epsilon model's posterior implies).
                 "variance_type": "fixed_small",
                 # DDPM's own sampler clips x0 to the data range inside the posterior mean; unlike DDIM's step
                 # this stays consistent (the posterior mean is computed from the clipped x0 and x_t alone).
-                "clip_sample": True, "clip_sample_range": 1.0}
+                # Pixels only: latents have no data range (LDM's and SD's DDPM schedulers do not clip).
+                "clip_sample": self.clip_data_range, "clip_sample_range": 1.0}
 
     def scheduler(self) -> SchedulerMixin:
         f = self.flags()
@@ -191,7 +202,7 @@ class DDPMSampler(Sampler):
 def sampler_flags(cfg: "RunConfig") -> dict[str, dict[str, Any]]:
     """Every panel sampler's flags (name -> flag -> value), for logging beside the scores."""
     names = dict.fromkeys([cfg.eval.sampler, *cfg.eval.panel_samplers])
-    return {name: SAMPLERS.get(name)(cfg.diffusion).flags() for name in names}
+    return {name: SAMPLERS.get(name)(cfg.diffusion, cfg.axes.space).flags() for name in names}
 
 
 class _eval_mode:
@@ -245,8 +256,14 @@ class _GraphedForward:
 def generate(denoiser: "Denoiser", text_encoder: "TextEncoder", captions: list[str], *, cfg: "RunConfig",
              sampler: str = "ddim", steps: int = 50, guidance_scale: float = 3.0, generator: torch.Generator,
              device: torch.device | str, batch_size: int = 256, compile: bool = False,
-             cuda_graph: bool = False) -> Tensor:
+             cuda_graph: bool = False, space: Space | None = None) -> Tensor:
     """Sample one image per caption with classifier-free guidance; uint8 [N, C, H, W] on the CPU.
+
+    The sampler runs in the model's space (`space`, default `build_space(cfg, device)`; pass the run's own
+    to skip loading its VAE again): the noise has x0's shape there, (channels, side) = `space.model_shape`,
+    and each finished batch is decoded by `space.decode` to uint8 images at the data resolution - a
+    separate call after the sampling loop, never inside the compiled / graphed forward. Pixel and latent
+    runs therefore hand evaluation the same kind of images.
 
     Guidance: eps = eps(x, "") + s * (eps(x, caption) - eps(x, "")) (the same mix for v). The
     unconditional pass is skipped when s == 1 or the conditioning ignores the text. All initial noise is
@@ -258,11 +275,15 @@ def generate(denoiser: "Denoiser", text_encoder: "TextEncoder", captions: list[s
     ""-captions and zero noise to `batch_size` rows and the padding discarded: every image depends only on
     its own row (GroupNorm and attention are per image), so padding changes no image.
     """
-    method = SAMPLERS.get(sampler)(cfg.diffusion)
-    res, ch = cfg.data.resolution, denoiser.image_channels
-    noise = torch.randn(len(captions), ch, res, res, generator=generator, device=generator.device)
-    guided = guidance_scale != 1.0 and not denoiser.ignores_text
     device = torch.device(device)
+    space = space if space is not None else build_space(cfg, device)
+    method = SAMPLERS.get(sampler)(cfg.diffusion, space.name)
+    ch, side = space.model_shape
+    if denoiser.image_channels != ch:
+        raise ConfigError(f"axes.space: the denoiser has {denoiser.image_channels} image channels, the "
+                          f"{space.name!r} space {ch}")
+    noise = torch.randn(len(captions), ch, side, side, generator=generator, device=generator.device)
+    guided = guidance_scale != 1.0 and not denoiser.ignores_text
     fixed_shape = (compile or cuda_graph) and device.type == "cuda"
     forward: Callable[..., Tensor] = denoiser
     if compile and device.type == "cuda":
@@ -290,8 +311,8 @@ def generate(denoiser: "Denoiser", text_encoder: "TextEncoder", captions: list[s
                     cond, uncond = pred.float().chunk(2)
                     pred = uncond + guidance_scale * (cond - uncond)
                 x = method.step(scheduler, pred.float(), t, x, generator)
-            out.append(to_uint8(x[:n]).cpu())
-    return torch.cat(out) if out else torch.zeros(0, ch, res, res, dtype=torch.uint8)
+            out.append(space.decode(x[:n]))  # model space -> uint8 images on the CPU (latents: the VAE decoder)
+    return torch.cat(out) if out else space.decode(noise[:0])
 
 
 # --- per-timestep diagnostic ------------------------------------------------------------------------
@@ -307,16 +328,18 @@ def bucket_edges(num_timesteps: int, buckets: int) -> tuple[Tensor, Tensor, Tens
 
 @torch.no_grad()
 def timestep_bucket_losses(denoiser: "Denoiser", scheduler: DDPMScheduler, x0: Tensor, text: TextEmbedding,
-                           buckets: int, generator: torch.Generator, *, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+                           buckets: int, generator: torch.Generator, *, batch_size: int = 256,
+                           prediction_type: str | None = None) -> tuple[Tensor, Tensor]:
     """Held-out loss on a fixed timestep grid: (t_mid long [K], mean unweighted MSE float [K]), on the CPU.
 
     Every example is evaluated at the middle timestep of each of the K buckets of [0, T) (`bucket_edges`)
     with one noise draw per example, shared by all buckets so the profile over t is not confounded by
     noise. With a generator seeded identically at every evaluation the numbers are deterministic and
     comparable across steps and runs; their mean approximates the uniform-t held-out loss.
-    `x0` and `text` must already be on the denoiser's device.
+    `x0` and `text` must already be on the denoiser's device. `prediction_type` (models/targets.py) defaults
+    to the scheduler's, whose diffusers name is the registry's for every registered target.
     """
-    prediction_type = scheduler.config.prediction_type
+    prediction_type = prediction_type or scheduler.config.prediction_type
     _, _, t_mid = bucket_edges(scheduler.config.num_train_timesteps, buckets)
     noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
     totals = torch.zeros(buckets, dtype=torch.float64, device=x0.device)  # summed on device: no per-batch sync

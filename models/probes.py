@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from diffablate.models import diffusion
 from diffablate.models.config import RunConfig
-from diffablate.models.data import CaptionedImages, to_model_range
+from diffablate.models.data import CaptionedImages
+from diffablate.models.space import Space, build_space
 
 HELDOUT_EVAL_N = 64  # held-out images per timestep bucket: x 20 buckets = 1280 forwards, seconds on a GPU
 GRID_PROMPTS = 16  # sample grids show the first 16 held-out captions ...
@@ -34,20 +35,28 @@ class HeldoutProbe:
 
     Every example is scored at the middle timestep of each of `eval.timestep_buckets` buckets of [0, T),
     with noise from a fixed seed (EVAL_NOISE_SEED) re-drawn identically at every evaluation: the numbers
-    compare across steps, runs and trials. Unweighted MSE, EMA weights: comparable across every axis.
+    compare across steps, runs and trials. Unweighted MSE, EMA weights: comparable across every axis but
+    one - the space. The loss is measured in model space (`axes.space`): pixels in [-1, 1], or scaled latents
+    (std 1, 4-12x fewer numbers per image), so a latent run's held-out loss is in latent units and is NOT
+    comparable with a pixel run's; compare spaces by their sample scores (FID, oracle), never by this loss.
     """
 
-    x0: Tensor  # [n, C, H, W] in [-1, 1], on the device
+    x0: Tensor  # [n, *space.model_shape] in model space, on the device
     captions: list[str]
     buckets: int
     bounds: list[tuple[int, int, float]]  # (t_lo, t_hi, t_mid) per bucket
+    prediction_type: str = "epsilon"  # the run's diffusion.prediction_type (models/targets.py)
 
     @classmethod
-    def build(cls, cfg: RunConfig, heldout: CaptionedImages, device: torch.device) -> "HeldoutProbe":
+    def build(cls, cfg: RunConfig, heldout: CaptionedImages, device: torch.device,
+              space: Space | None = None) -> "HeldoutProbe":
+        """The probe of `cfg` on the first HELDOUT_EVAL_N held-out images, in `space` (default: the config's)."""
         n = min(len(heldout), HELDOUT_EVAL_N)
         lo, hi, mid = diffusion.bucket_edges(cfg.diffusion.num_train_timesteps, cfg.eval.timestep_buckets)
         bounds = list(zip(lo.tolist(), hi.tolist(), mid.tolist()))
-        return cls(to_model_range(heldout.images[:n]).to(device), heldout.captions[:n], len(bounds), bounds)
+        space = space if space is not None else build_space(cfg, device)
+        x0 = space.to_model(space.prepare(heldout.images[:n], device)).to(device)  # latents: encoded once, cached
+        return cls(x0, heldout.captions[:n], len(bounds), bounds, cfg.diffusion.prediction_type)
 
     @torch.no_grad()
     def losses(self, model: nn.Module, scheduler: Any, batch_size: int,
@@ -57,7 +66,8 @@ class HeldoutProbe:
         with autocast():
             text = model.text_encoder(self.captions)
             _, per_bucket = diffusion.timestep_bucket_losses(model.denoiser, scheduler, self.x0, text, self.buckets,
-                                                             g, batch_size=batch_size)
+                                                             g, batch_size=batch_size,
+                                                             prediction_type=self.prediction_type)
         return per_bucket.tolist()
 
 
@@ -101,10 +111,12 @@ def grid_image(images_u8: Tensor, cols: int = 4, min_tile: int = 64) -> Image.Im
     return grid
 
 
-def sample_grid(model: nn.Module, cfg: RunConfig, prompts: list[str], device: torch.device) -> Image.Image:
-    """Fixed prompts from fixed noise (GRID_SEED), `model`'s weights (the EMA in training), the eval sampler."""
+def sample_grid(model: nn.Module, cfg: RunConfig, prompts: list[str], device: torch.device,
+                space: Space | None = None) -> Image.Image:
+    """Fixed prompts from fixed noise (GRID_SEED), `model`'s weights (the EMA in training), the eval sampler,
+    decoded from `space` (default: the config's)."""
     g = torch.Generator(device=device).manual_seed(GRID_SEED)
     images = diffusion.generate(model.denoiser, model.text_encoder, prompts, cfg=cfg, sampler=cfg.eval.sampler,
                                 steps=cfg.eval.sampling_steps, guidance_scale=cfg.eval.guidance_scale,
-                                generator=g, device=device)
+                                generator=g, device=device, space=space)
     return grid_image(images)

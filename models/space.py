@@ -5,11 +5,13 @@ One interface, so the trainer and evaluation never ask which:
 - `prepare(images_u8, device)` -> the tensor the trainer draws batches from (pixel: the uint8 images;
   latent: the images encoded once into scaled latents, cached on disk and kept on the GPU where they fit);
 - `to_model(batch)` -> x0 in model space (float [B, *model_shape]);
-- `model_shape` -> (channels, side) of x0: what the UNet is built for and the sampler's noise has;
+- `model_shape` -> (channels, side) of x0: what the UNet is built for and the sampler's noise has (also
+  `model_shape(cfg)` from the config alone, without loading a VAE: what the denoiser is built from);
 - `decode(x0)` -> uint8 images [N, C, H, W] at the data resolution on the CPU, so evaluation scores
   generated images with exactly the metrics code path it uses for pixel runs;
 - `clip_sample`: whether a sampler may clip its predicted x0 to [-1, 1] (true of pixels only);
-- `params()`: what a run logs about its space.
+- `params()`: what a run logs about its space; `identity()`: what a checkpoint records of it, so a resume or
+  a load with another VAE is refused.
 
 Pixel is the identity of models/data.py (`to_model_range` / `to_uint8`).
 """
@@ -20,7 +22,7 @@ import hashlib
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -41,11 +43,17 @@ class Space(ABC):
 
     name: str
     clip_sample: bool  # DDPM/DDIM clip the predicted x0 to [-1, 1]: right for images, wrong for latents
+    _shape: tuple[int, int]  # set by each space's constructor
+
+    @classmethod
+    @abstractmethod
+    def shape_of(cls, cfg: "RunConfig") -> tuple[int, int]:
+        """(channels, side) of x0 in model space for `cfg`, from the config alone."""
 
     @property
-    @abstractmethod
     def model_shape(self) -> tuple[int, int]:
         """(channels, side) of x0 in model space."""
+        return self._shape
 
     @abstractmethod
     def prepare(self, images_u8: Tensor, device: torch.device | str) -> Tensor:
@@ -64,13 +72,23 @@ class Space(ABC):
         channels, side = self.model_shape
         return {"space": self.name, "space.channels": channels, "space.side": side}
 
+    def identity(self) -> dict[str, Any]:
+        """What decides what x0 means (JSON-able; stored in every checkpoint's meta.json)."""
+        return {"space": self.name}
 
-SPACES: Registry[Callable[..., Space]] = Registry("space")
+
+SPACES: Registry[type[Space]] = Registry("space")
 
 
 def build_space(cfg: "RunConfig", device: torch.device | str = "cpu") -> Space:
     """The configured `axes.space`; `device` is where a latent space's VAE runs."""
     return SPACES.get(cfg.axes.space)(cfg, device)
+
+
+def model_shape(cfg: "RunConfig") -> tuple[int, int]:
+    """(channels, side) of x0 under `cfg.axes.space`, from the config alone (no VAE loaded): the denoiser's
+    input and output. A latent space refuses a VAE that does not give exactly this shape."""
+    return SPACES.get(cfg.axes.space).shape_of(cfg)
 
 
 @SPACES.register("pixel")
@@ -81,13 +99,13 @@ class PixelSpace(Space):
     clip_sample = True
 
     def __init__(self, cfg: "RunConfig", device: torch.device | str = "cpu") -> None:
+        self._shape = self.shape_of(cfg)
+
+    @classmethod
+    def shape_of(cls, cfg: "RunConfig") -> tuple[int, int]:
         from diffablate.models.denoiser import dataset_channels
 
-        self._shape = (dataset_channels(cfg), cfg.data.resolution)
-
-    @property
-    def model_shape(self) -> tuple[int, int]:
-        return self._shape
+        return dataset_channels(cfg), cfg.data.resolution
 
     def prepare(self, images_u8: Tensor, device: torch.device | str) -> Tensor:
         # uint8 storage: 4x smaller than float on the device; to_model converts each batch.
@@ -126,10 +144,11 @@ class LatentSpace(Space):
             raise ConfigError(f"{field}: the VAE at {self.vae.path} was trained on {self.vae.resolution} px images, "
                               f"data.resolution is {cfg.data.resolution}")
         self._shape = (self.vae.latent_channels, cfg.data.resolution // self.vae.downsample)
+        assert self._shape == self.shape_of(cfg)  # the checks above make the VAE's shape the config's
 
-    @property
-    def model_shape(self) -> tuple[int, int]:
-        return self._shape
+    @classmethod
+    def shape_of(cls, cfg: "RunConfig") -> tuple[int, int]:
+        return cfg.vae.latent_channels, cfg.data.resolution // cfg.vae.downsample
 
     def prepare(self, images_u8: Tensor, device: torch.device | str) -> Tensor:
         """Scaled latents of `images_u8`, encoded once per (VAE weights, image bytes) and cached on disk.
@@ -159,6 +178,12 @@ class LatentSpace(Space):
         quality = {f"vae.heldout_{k}": v for k, v in self.vae.meta.get("heldout_quality", {}).items()}
         return super().params() | {"vae.scaling_factor": self.vae.scaling_factor, "vae.dir": str(self.vae.path),
                                    "vae.weights_sha256": self.vae.weights_sha256} | quality
+
+    def identity(self) -> dict[str, Any]:
+        # The weights and the scaling factor decide what a latent means; the directory may move (not compared).
+        return {"space": self.name, "vae_weights_sha256": self.vae.weights_sha256,
+                "vae_scaling_factor": self.vae.scaling_factor, "vae_shift_factor": self.vae.shift_factor,
+                "vae_dir": str(self.vae.path)}
 
     def latents_path(self, images_u8: Tensor) -> Path:
         """The cache file of `images_u8`'s latents under this VAE."""

@@ -9,15 +9,18 @@
 
 `StepContext` is everything a step reads and writes (built by `trainer.open_run`, or `trainer.build_context`
 for callers that drive steps themselves: `diffablate bench`, the tests, a pack of runs). The loop around
-the step - logging, evaluation, checkpoints - is the trainer's (models/trainer.py).
+the step - logging, evaluation, checkpoints - is the trainer's (models/trainer.py). `Boundary` makes a step
+the unit an interrupt cannot split, so the checkpoint written on Ctrl-C / SIGTERM holds whole steps.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import signal
+import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -25,8 +28,9 @@ from torch import Tensor, nn
 from diffablate.models import diffusion
 from diffablate.models.axes import TimestepSampler, drop_captions
 from diffablate.models.config import RunConfig
-from diffablate.models.data import CaptionedImages, to_model_range
+from diffablate.models.data import CaptionedImages
 from diffablate.models.device import PerfResolved
+from diffablate.models.space import Space
 
 if TYPE_CHECKING:
     from diffablate.models.cuda_graph import GraphedTrainStep
@@ -37,7 +41,7 @@ class Batch:
     """One step's inputs, every tensor on the device: images, tokens of the (dropped) captions, timesteps +
     importance weights, noise. `captions` are kept for whoever wants to read them (the step does not)."""
 
-    x0: Tensor  # [B, C, H, W] in [-1, 1] (channels_last when perf.channels_last)
+    x0: Tensor  # [B, *space.model_shape]: pixels in [-1, 1] or scaled latents (channels_last when perf.channels_last)
     captions: list[str]
     ids: Tensor  # long [B, L], the text encoder's token ids
     mask: Tensor  # bool [B, L]
@@ -121,7 +125,9 @@ class StepContext:
     device: torch.device
     perf: PerfResolved
     train: CaptionedImages  # the training split (captions on the host)
-    train_images: Tensor  # uint8 [N, C, H, W], on the device when perf.data_on_device
+    space: Space  # axes.space: where x0 lives (models/space.py); the probe, grids and sampling use the same one
+    train_images: Tensor  # space.prepare(training images): pixel uint8 [N, C, H, W] or latents [N, c, h, w],
+    # on the device when perf.data_on_device (latents: when they fit, see LatentSpace.prepare)
     model: nn.Module  # trainer.ModelBundle: .denoiser + .text_encoder, one parameter list
     forward_denoiser: nn.Module  # the compiled denoiser when compiling worked, else model.denoiser
     params: list[nn.Parameter]  # the trainable parameters, in the optimizer's order
@@ -167,7 +173,7 @@ def draw_batch(s: StepContext, step: int) -> Batch:
     x0 = s.train_images[_to_device(idx, s.train_images.device)]
     if x0.device != s.device:  # perf.data_on_device off: gathered on the host
         x0 = _to_device(x0, s.device)
-    x0 = to_model_range(x0)
+    x0 = s.space.to_model(x0)  # pixels -> [-1, 1]; cached latents are x0 already
     if s.perf.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
     captions = drop_captions([s.train.captions[i] for i in idx.tolist()], s.cfg.axes.cond_dropout, s.gens["dropout"])
@@ -223,3 +229,75 @@ def device_step(s: StepContext, batch: Batch, *, lr: float | None, ema_weight: f
     s.ema.update(ema_weight)
     s.meter.add(per_example.mean(), objective, grad_norm)
     return per_example
+
+
+# --- where an interrupt may land -------------------------------------------------------------------------
+
+
+class Boundary:
+    """Interrupts (Ctrl-C, SIGTERM) land between training steps, never inside one.
+
+    While `installed()` (around the trainer's loop, in the main thread), SIGINT and SIGTERM whose handler is
+    a Python function - Python's Ctrl-C handler, studies/interrupts.py's SIGTERM and worker handlers - are
+    held back while a step runs (`inside()`) and delivered, by calling that handler, as soon as the step is
+    complete: a checkpoint written after the interrupt then holds a whole step (weights, optimiser, every
+    random stream, the CUDA graph's replay finished). Signals left at the OS default or ignored stay so.
+
+    A second signal inside the same step is delivered at once (the way out of a hung step), and so is
+    anything a step raises: the step is then `torn` - its state half-updated - and must not be saved.
+
+    Why not `signal.pthread_sigmask`: it masks the calling thread only, and the kernel then hands the
+    process-directed signal to another thread (torch's intra-op pool, MLflow's writers); CPython's C handler
+    still trips and the main thread runs the Python handler at its next bytecode - in the middle of the step.
+    The Python-level handlers are what runs the interrupt, so they are where a step is protected.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.torn = False  # an interrupt (or an error) left the current step half done
+        self._in_step = False
+        self._pending: int | None = None
+        self._handlers: dict[int, Callable[[int, Any], Any]] = {}
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Hold signals back inside steps for the duration (a no-op outside the main thread, where no
+        handler runs anyway)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        for sig in self.SIGNALS:
+            handler = signal.getsignal(sig)
+            if callable(handler):
+                self._handlers[sig] = handler
+                signal.signal(sig, self._on_signal)
+        try:
+            yield
+        finally:
+            for sig, handler in self._handlers.items():
+                signal.signal(sig, handler)
+            self._handlers = {}
+
+    @contextlib.contextmanager
+    def inside(self) -> Iterator[None]:
+        """One step: a signal arriving in it is delivered when it ends."""
+        self._in_step = True
+        try:
+            yield
+        except BaseException:
+            self.torn = True
+            raise
+        finally:
+            self._in_step = False
+            pending, self._pending = self._pending, None
+            if pending is not None and pending in self._handlers and not self.torn:
+                self._handlers[pending](pending, None)  # raises KeyboardInterrupt (or the SIGTERM handler's)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._in_step and self._pending is None:
+            self._pending = signum  # delivered when the step is complete
+            return
+        if self._in_step:  # a second signal while the step still runs: interrupt it now
+            self.torn, self._pending = True, None
+        self._handlers[signum](signum, frame)

@@ -30,8 +30,10 @@ streams are the same.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
+import json
 import math
 import shutil
 import sys
@@ -53,6 +55,7 @@ from diffablate.models.data import CaptionedImages, build_dataset
 from diffablate.models.denoiser import build_denoiser, count_parameters
 from diffablate.models.device import resolve_device, resolve_perf
 from diffablate.models.probes import GRID_PROMPTS, GRID_SEED, HeldoutProbe, TimestepTable, sample_grid
+from diffablate.models.space import Space, build_space
 from diffablate.models.text import TEXT_ENCODERS, TextEncoder
 from diffablate.models.tracker import NullTracker, Tracker
 
@@ -86,7 +89,8 @@ class TrainResult:
 
 @dataclass
 class Trained:
-    """A trained model for sampling / evaluation: EMA weights, eval mode."""
+    """A trained model for sampling / evaluation: EMA weights, eval mode, and the space its samples are
+    decoded from (`diffusion.generate(..., space=trained.space)`; None: built from `cfg` when needed)."""
 
     cfg: RunConfig
     denoiser: nn.Module
@@ -94,6 +98,7 @@ class Trained:
     scheduler: Any
     checkpoint: Path | None = None
     step: int = 0
+    space: Space | None = None
 
 
 # --- seeds and generators ---------------------------------------------------------------------------
@@ -185,6 +190,8 @@ class Run:
     on_eval: Callable[[int, dict[str, float]], None] | None = None
     milestones: frozenset[int] = frozenset()
     on_milestone: Callable[[int, Trained], None] | None = None
+    boundary: step.Boundary = field(default_factory=step.Boundary)  # interrupts land between steps
+    settled: dict[str, int] = field(default_factory=dict)  # periodic phase -> the step it was last done at
     step: int = 0  # steps done (the next step to run is `step`, 0-based)
     start_step: int = 0  # where this invocation started (> 0 when resumed)
     lr: float = 0.0  # the last step's learning rate
@@ -212,15 +219,19 @@ def train(cfg: RunConfig, run_dir: str | Path, *, tracker: Tracker | None = None
     done, each in [1, train.steps]; those a resumed run has passed are skipped), `on_milestone(s, trained)`
     gets the EMA model as a `Trained` (eval mode; modes restored after; its time excluded from img/s),
     and then a checkpoint is written at s. Raises TrainingDiverged, ConfigError, DataError, CheckpointError.
+    Ctrl-C / SIGTERM (KeyboardInterrupt, or a study worker's SystemExit) propagate after a checkpoint at the
+    last completed step; resuming from it continues exactly as the uninterrupted run would have.
     """
     # Set up: data, models, optimiser, restore the newest checkpoint, compile, capture lazily, log the config.
     run = open_run(cfg, run_dir, tracker=tracker, resume=resume, on_eval=on_eval, milestones=milestones,
                    on_milestone=on_milestone)
-    with _progress(progress, run.total, run.step) as advance:
+    with _progress(progress, run.total, run.step) as advance, _checkpoint_on_interrupt(run):
         while run.step < run.total:
-            # One optimisation step: batch, forward, loss, backward, AdamW, EMA (models/step.py).
-            run.lr = step.train_step(run.s, run.step)
-            run.step += 1
+            # One optimisation step: batch, forward, loss, backward, AdamW, EMA (models/step.py). An interrupt
+            # (Ctrl-C, SIGTERM) lands before or after it, never inside: see `_checkpoint_on_interrupt`.
+            with run.boundary.inside():
+                run.lr = step.train_step(run.s, run.step)
+                run.step += 1
             advance()
             # Periodic work: log + divergence check, held-out eval, grid, milestone, checkpoint.
             after_step(run)
@@ -242,6 +253,9 @@ class Due:
         return self.log or self.eval or self.grid or self.milestone or self.checkpoint
 
 
+PHASES = tuple(f.name for f in dataclasses.fields(Due))  # after_step's phases, in order
+
+
 def due(run: Run) -> Due:
     t, n, last = run.cfg.train, run.step, run.step == run.total
     milestone = n in run.milestones
@@ -251,30 +265,65 @@ def due(run: Run) -> Due:
 
 
 def after_step(run: Run) -> None:
-    """The loop's periodic work after `run.step` steps, in this order (each phase a helper)."""
-    d, device = due(run), run.s.device
+    """The loop's periodic work after `run.step` steps, in this order (each phase a helper). A phase already
+    done at this step (`run.settled`: restored from an interrupt's checkpoint) is not done again."""
+    d, device = _unsettled(run), run.s.device
     # Log: read the device-side sums (the step's only sync) and check for divergence.
     if d.log:
         _log_train(run)
+        run.settled["log"] = run.step
     # Evaluate: held-out loss per timestep bucket, EMA weights; `on_eval` may prune (its exception propagates).
     if d.eval:
         with run.clock.excluded(device):
             metrics = _evaluate(run)
         if run.on_eval is not None:
             run.on_eval(run.step, metrics)
+        run.settled["eval"] = run.step
     # Sample grid: fixed prompts from fixed noise.
     if d.grid:
         with run.clock.excluded(device):
             _save_grid(run, f"grid_step{run.step:06d}.png")
+        run.settled["grid"] = run.step
     # Milestone: the caller's callback on the EMA model, before the checkpoint that makes it durable (a kill
     # between the two re-runs the callback on resume, deterministically; the other order would lose it).
     if d.milestone:
         with run.clock.excluded(device):
             _milestone(run)
+        run.settled["milestone"] = run.step
     # Checkpoint (never of weights a NaN step has poisoned: the unlogged steps are checked first).
     if d.checkpoint:
         with run.clock.excluded(device):
             _save_checkpoint(run)
+        run.settled["checkpoint"] = run.step
+
+
+def _unsettled(run: Run) -> Due:
+    """`due(run)` less the phases already done at this step (a log with nothing in the meter is done: an
+    interrupt landed after it had reset the meter)."""
+    d = due(run)
+    todo = {p: getattr(d, p) and run.settled.get(p) != run.step for p in PHASES}
+    return Due(**{**todo, "log": todo["log"] and run.s.meter.n > 0})
+
+
+@contextlib.contextmanager
+def _checkpoint_on_interrupt(run: Run) -> Iterator[None]:
+    """Ctrl-C or SIGTERM (KeyboardInterrupt; in a study worker SystemExit) during the loop: checkpoint the last
+    completed step, then let the interrupt propagate.
+
+    `run.boundary` (step.Boundary) keeps interrupts out of a step, so the state is that of whole steps; a
+    step an interrupt or error did tear (`boundary.torn`) is never saved - the last scheduled checkpoint
+    stands. The step's periodic work that had not finished (its log, eval, grid, milestone) is recorded as
+    pending in the checkpoint and done first on resume, so a resumed run logs, evaluates and calls back
+    exactly what the uninterrupted one did.
+    """
+    with run.boundary.installed():
+        try:
+            yield
+        except (KeyboardInterrupt, SystemExit):
+            if not run.boundary.torn and run.step > run.last_saved:
+                with contextlib.suppress(TrainingDiverged):  # diverged since the last log: nothing worth keeping
+                    _save_checkpoint(run)
+            raise
 
 
 def build_context(cfg: RunConfig, run_dir: str | Path, *, tracker: Tracker | None = None,
@@ -299,16 +348,21 @@ def open_run(cfg: RunConfig, run_dir: str | Path, *, tracker: Tracker | None = N
                           f"on_milestone given, got {list(milestones)}")
     device = resolve_device(cfg.device)
     perf = resolve_perf(cfg.perf, device)
+    # The space x0 lives in (axes.space): pixels, or a VAE's latents - loaded, never trained, here (a missing
+    # VAE is a VaeError naming the `diffablate vae train` command), before anything is created.
+    space = build_space(cfg, device)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         shutil.rmtree(run_dir / ckpt.CHECKPOINT_DIR, ignore_errors=True)
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
     if latest is not None:
         _check_resumable(cfg, latest)
-    # Data: both splits built once per process and kept in memory (on the device when perf.data_on_device).
+        _check_same_space(space, latest)
+    # Data: both splits built once per process and kept in memory (on the device when perf.data_on_device),
+    # the training split in model space (latents encoded once, cached on disk: models/space.py).
     train_ds = cached_dataset(cfg.data, "train")
     heldout = cached_dataset(cfg.data, "heldout")
-    images = _device_images(cfg.data, device) if perf.data_on_device else train_ds.images
+    images = _device_images(space, cfg.data, device if perf.data_on_device else torch.device("cpu"))
     # Models, optimiser, scheduler and the axes: the step context.
     model = build_models(cfg, train_ds.captions).to(device)
     if perf.channels_last:
@@ -319,21 +373,20 @@ def open_run(cfg: RunConfig, run_dir: str | Path, *, tracker: Tracker | None = N
                                   capturable=perf.cuda_graphs)
     scheduler = diffusion.build_scheduler(cfg.diffusion)
     s = step.StepContext(
-        cfg=cfg, device=device, perf=perf, train=train_ds, train_images=images, model=model,
+        cfg=cfg, device=device, perf=perf, train=train_ds, space=space, train_images=images, model=model,
         forward_denoiser=model.denoiser, params=params, ema=step.EMA(model, cfg.train.ema_decay), optimizer=optimizer,
         scaler=torch.amp.GradScaler(device.type, enabled=perf.mixed_precision == "fp16"), scheduler=scheduler,
         sampler=TIMESTEP_SAMPLERS.get(cfg.axes.timestep_sampler)(cfg),
         loss_weighting=LOSS_WEIGHTINGS.get(cfg.axes.loss_weighting)(cfg, scheduler),
         gens=make_generators(cfg, device), meter=step.Meter(device),
     )
-    probe = HeldoutProbe.build(cfg, heldout, device)
+    probe = HeldoutProbe.build(cfg, heldout, device, space)
     run = Run(cfg=cfg, run_dir=run_dir, tracker=tracker or NullTracker(), s=s, probe=probe, table=TimestepTable(probe),
               grid_prompts=heldout.captions[:GRID_PROMPTS], clock=clock or Stopwatch(), on_eval=on_eval,
               milestones=frozenset(milestones), on_milestone=on_milestone)
     torch.manual_seed(stream_seed(cfg.seed, "global", cfg.replicate))  # only dropout layers draw from it, if any
     # Restore: weights, optimiser, every random stream, the sampler's state, the log accumulators.
-    if latest is not None:
-        _restore(run, latest)
+    interval_s = _restore(run, latest) if latest is not None else 0.0
     for group in optimizer.param_groups:  # a checkpoint's param groups carry the saving run's flag
         group["capturable"] = perf.cuda_graphs
     # Compile (warm-up outside the loop) and the CUDA graph (captured on the first step).
@@ -342,7 +395,18 @@ def open_run(cfg: RunConfig, run_dir: str | Path, *, tracker: Tracker | None = N
     s.graph = GraphedTrainStep(s, step.device_step) if perf.cuda_graphs else None
     _log_start(run, resumed_from=latest)
     run.interval = run.clock.mark()
+    if latest is not None and _unsettled(run):  # an interrupt cut the restored step's periodic work short
+        _finish_restored_step(run, interval_s)
     return run
+
+
+def _finish_restored_step(run: Run, interval_s: float) -> None:
+    """The periodic work an interrupt cut short at the restored step, done now as the uninterrupted run did
+    (its log interval timed as it was before the interrupt); this invocation's img/s starts after it."""
+    run.interval = (time.perf_counter() - interval_s, run.clock.excluded_s)
+    after_step(run)
+    run.train_s = 0.0
+    run.interval = run.clock.mark()
 
 
 @functools.lru_cache(maxsize=4)
@@ -352,10 +416,19 @@ def cached_dataset(data: DataConfig, split: str) -> CaptionedImages:
     return build_dataset(data, split)
 
 
-@functools.lru_cache(maxsize=4)
-def _device_images(data: DataConfig, device: torch.device) -> torch.Tensor:
-    """The training images on `device`, one copy per process (runs of a pack share it; read-only)."""
-    return cached_dataset(data, "train").images.to(device)
+_STORAGE: dict[tuple[str, DataConfig, str], torch.Tensor] = {}
+_STORAGE_MAX = 4
+
+
+def _device_images(space: Space, data: DataConfig, device: torch.device) -> torch.Tensor:
+    """The training images prepared for `space` (pixels: uint8; latents: encoded, scaled) on `device`, one
+    copy per process and space identity (runs of a pack and a worker's trials share it; read-only)."""
+    key = (json.dumps(space.identity(), sort_keys=True), data, str(device))
+    if key not in _STORAGE:
+        while len(_STORAGE) >= _STORAGE_MAX:  # oldest first: a worker moves on from one data config to the next
+            _STORAGE.pop(next(iter(_STORAGE)))
+        _STORAGE[key] = space.prepare(cached_dataset(data, "train").images, device)
+    return _STORAGE[key]
 
 
 def _check_resumable(cfg: RunConfig, path: Path) -> None:
@@ -366,7 +439,27 @@ def _check_resumable(cfg: RunConfig, path: Path) -> None:
             f"{path}: cannot resume, the config differs in {diff} (resume=False / --no-resume starts over)")
 
 
-def _restore(run: Run, path: Path) -> None:
+def _check_same_space(space: Space, path: Path) -> None:
+    """A checkpoint's x0 must mean what this run's does: the same space and, in latent space, the same VAE
+    weights and scaling factor (a different VAE would silently change every training target)."""
+    saved = _saved_space(path)
+    if _space_key(saved) != _space_key(space.identity()):
+        raise ckpt.CheckpointError(
+            f"{path}: cannot resume, it was trained in space {_space_key(saved)} and this run's is "
+            f"{_space_key(space.identity())} (a different VAE; resume=False / --no-resume starts over)")
+
+
+def _saved_space(path: Path) -> dict[str, Any]:
+    # Checkpoints written before the space axis was wired into training hold pixel runs only.
+    return ckpt.read_json(path, "meta.json").get("space", {"space": "pixel"})
+
+
+def _space_key(identity: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in identity.items() if k != "vae_dir"}  # the VAE directory may move; its weights may not
+
+
+def _restore(run: Run, path: Path) -> float:
+    """Restore `run` from the checkpoint at `path` -> the training seconds of its unlogged log interval."""
     s = run.s
     for name, module in (("denoiser", s.model.denoiser), ("text_encoder", s.model.text_encoder),
                          ("ema", s.ema.model)):
@@ -392,6 +485,10 @@ def _restore(run: Run, path: Path) -> None:
     run.table = TimestepTable(run.probe, state["rows"])
     run.last = dict(state["last"])
     run.last_saved = run.start_step = run.step = int(state["step"])
+    # An interrupt's checkpoint may hold a step whose periodic work was cut short (`_checkpoint_on_interrupt`).
+    pending = state.get("pending", [])
+    run.settled = {p: run.step for p in PHASES if p not in pending}
+    return float(state.get("interval_s", 0.0))
 
 
 def _compile_or_eager(s: step.StepContext, probe: HeldoutProbe) -> nn.Module:
@@ -440,6 +537,8 @@ def _log_start(run: Run, resumed_from: Path | None) -> None:
     (run.run_dir / "config.json").write_text(cfg.to_json())
     run.tracker.log_params({
         **cfg.flat(), **s.perf.params(),
+        # The space: scaling factor, VAE weights sha256 and the VAE's held-out PSNR / SSIM / rFID in latent space.
+        **{f"derived.{k}": v for k, v in s.space.params().items()},
         "derived.params_denoiser": count_parameters(s.model.denoiser),
         "derived.params_text_encoder": count_parameters(s.model.text_encoder),
         "derived.device": str(s.device),
@@ -508,7 +607,7 @@ def _evaluate(run: Run) -> dict[str, float]:
 
 def _save_grid(run: Run, name: str) -> Path:
     path = run.run_dir / "samples" / name
-    sample_grid(run.s.ema.model, run.cfg, run.grid_prompts, run.s.device).save(path)
+    sample_grid(run.s.ema.model, run.cfg, run.grid_prompts, run.s.device, run.s.space).save(path)
     run.tracker.log_artifact(path, "samples")
     return path
 
@@ -522,7 +621,7 @@ def _milestone(run: Run) -> None:
     # continues as if the callback never ran). The CUDA RNG is not forked: with graphs captured, its state
     # belongs to the replays; the checkpoint written next records it after the callback, so a resume agrees.
     trained = Trained(run.cfg, s.ema.model.denoiser, s.ema.model.text_encoder,
-                      diffusion.build_scheduler(run.cfg.diffusion), checkpoint=None, step=run.step)
+                      diffusion.build_scheduler(run.cfg.diffusion), checkpoint=None, step=run.step, space=s.space)
     try:
         with torch.random.fork_rng(devices=[]):
             assert run.on_milestone is not None
@@ -547,8 +646,13 @@ def _save_checkpoint(run: Run) -> Path | None:
         "meter": s.meter.state_dict(),
         "rows": run.table.rows,
         "last": run.last,
+        # What an interrupt left undone at this step (never the checkpoint itself), and the unlogged
+        # interval's training time: a resume finishes the step's work first (`_finish_restored_step`).
+        "pending": [p for p in PHASES if p != "checkpoint" and getattr(_unsettled(run), p)],
+        "interval_s": run.clock.since(run.interval),
     }
-    meta = {"perf_resolved": s.perf.params(), "grid_prompts": run.grid_prompts, "grid_seed": GRID_SEED,
+    meta = {"perf_resolved": s.perf.params(), "space": s.space.identity(), "grid_prompts": run.grid_prompts,
+            "grid_seed": GRID_SEED,
             "train_loss": run.last.get("train_loss"), "heldout_loss": run.last.get("heldout_loss")}
     path = ckpt.save_checkpoint(run.run_dir, ckpt.CheckpointPayload(
         step=run.step, denoiser=s.model.denoiser, text_encoder=s.model.text_encoder, ema=s.ema.model,
@@ -591,12 +695,19 @@ def _progress(enabled: bool, total: int, done: int) -> Iterator[Callable[[], Non
 
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Trained:
-    """A run directory (-> its newest valid checkpoint) or a checkpoint directory -> EMA model in eval mode."""
+    """A run directory (-> its newest valid checkpoint) or a checkpoint directory -> EMA model in eval mode,
+    with its space (a latent run's VAE loaded on `device`; refused if it is not the one it trained with)."""
     path = ckpt.resolve_checkpoint(path)
     device = resolve_device(device)
     cfg = RunConfig.from_dict(ckpt.read_json(path, "config.json"), where=str(path / "config.json"))
+    space = build_space(cfg, device)
+    if _space_key(_saved_space(path)) != _space_key(space.identity()):
+        raise ckpt.CheckpointError(f"{path}: trained in space {_space_key(_saved_space(path))}, but its config now "
+                                   f"resolves to {_space_key(space.identity())}: its samples would be decoded by "
+                                   f"another VAE (set vae.path to the one it trained with)")
     model = build_models(cfg, ckpt.read_json(path, "captions.json"))
     ckpt.load_weights(path, "ema", model)
     model = model.to(device).eval().requires_grad_(False)
     step_no = int(ckpt.read_json(path, "meta.json")["step"])
-    return Trained(cfg, model.denoiser, model.text_encoder, diffusion.build_scheduler(cfg.diffusion), path, step_no)
+    return Trained(cfg, model.denoiser, model.text_encoder, diffusion.build_scheduler(cfg.diffusion), path, step_no,
+                   space)

@@ -51,6 +51,7 @@ import torch
 from diffablate.models import cache
 from diffablate.models.config import ConfigError, DataConfig, RunConfig, VaeConfig
 from diffablate.models.data import CaptionedImages, build_dataset, to_model_range, to_uint8
+from diffablate.models.device import resolve_device
 
 CACHE_VERSION = 1  # bump when training code changes what a cached VAE contains
 META_FILE = "diffablate_vae.json"  # provenance, latent statistics, weights hash, held-out quality
@@ -122,13 +123,6 @@ class VaeTrainResult:
     scaling_factor: float
     wall_s: float
     n_train: int
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """`"auto"` -> cuda when available, else cpu."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

@@ -435,14 +435,11 @@ def full_key(key: str, path: str) -> str:
 
 
 def _registry_for(full: str) -> Any | None:
-    """The registry that names the values of an axis, so typos get the registry's 'choose one of' message."""
-    from diffablate.models import axes, data, diffusion, text
+    """The registry that names the values of an axis, so typos get the registry's 'choose one of' message
+    (models/choices.py: the same map config validation reads)."""
+    from diffablate.models.choices import registry_for
 
-    return {
-        "axes.timestep_sampler": axes.TIMESTEP_SAMPLERS, "axes.time_embedding": axes.TIME_EMBEDDINGS,
-        "axes.conditioning": axes.CONDITIONINGS, "axes.loss_weighting": axes.LOSS_WEIGHTINGS,
-        "data.name": data.DATASETS, "text.encoder": text.TEXT_ENCODERS, "eval.sampler": diffusion.SAMPLERS,
-    }.get(full)
+    return registry_for(full)
 
 
 def check_value(full: str, value: Any, path: str, base: RunConfig) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -62,7 +63,9 @@ def generate_samples(trained: Any, cfg: RunConfig, captions: list[str], device: 
                      batch_size: int | None = None, *, sampler: str | None = None,
                      guidance: float | None = None) -> torch.Tensor:
     """uint8 [N, C, H, W] images for `captions` with one sampler at one guidance scale (default: the primary
-    entry, `cfg.eval.sampler` / `cfg.eval.guidance_scale`) from the fixed noise seed.
+    entry, `cfg.eval.sampler` / `cfg.eval.guidance_scale`) from the fixed noise seed, at the data resolution
+    in either space: a latent run's samples come back decoded by its VAE (`trained.space`), so pixel and
+    latent runs are scored by the same code on the same kind of images.
 
     Runs under the run's resolved `perf.mixed_precision` (bf16 autocast on CUDA by default, as in
     training; fp32 on the CPU), `perf.compile` and `perf.cuda_graphs` (see `diffusion.generate`). The initial
@@ -84,7 +87,7 @@ def generate_samples(trained: Any, cfg: RunConfig, captions: list[str], device: 
         return generate(trained.denoiser, trained.text_encoder, captions, cfg=cfg, sampler=sampler or ev.sampler,
                         steps=ev.sampling_steps, guidance_scale=ev.guidance_scale if guidance is None else guidance,
                         generator=gen, device=device, batch_size=max(batch_size, 1), compile=perf.compile,
-                        cuda_graph=perf.cuda_graphs)
+                        cuda_graph=perf.cuda_graphs, space=getattr(trained, "space", None))
 
 
 # --- fixed costs paid once per process -----------------------------------------------------------------
@@ -186,7 +189,10 @@ def evaluate_trained(trained: Any, cfg: RunConfig, *, n: int | None = None, devi
                      tracker: Any = None, step: int | None = None, grid_dir: Path | None = None) -> dict[str, float]:
     """Score a trained model (`trainer.Trained`) under every entry of `cfg.eval`'s panel.
 
-    -> `<score>/<entry>` metrics (metrics/names.py) plus the ceilings. With a `tracker`, the metrics are
+    -> `<score>/<entry>` metrics (metrics/names.py) plus the ceilings, and per entry the sampling
+    throughput `sample_img_per_s/<entry>`: images per second of `generate_samples`, the VAE's decode included
+    (the latent-space claim is about speed at equal quality; it also includes the call's set-up, e.g. graph
+    capture, and on CUDA the compile warm-up when perf.compile is on). With a `tracker`, the metrics are
     NOT logged here (the caller decides the step); the samplers' flags, and per entry a grid of the first 16
     samples with their captions, go to the run (`samples/eval_<entry>[_step<N>].png`).
     """
@@ -210,9 +216,12 @@ def evaluate_trained(trained: Any, cfg: RunConfig, *, n: int | None = None, devi
         _log_grid(tracker, heldout.images[idx], captions[:16], grid_dir / "real.png")
     for sampler, guidance in cfg.eval.panel():
         entry = entry_name(sampler, guidance)
+        t0 = time.perf_counter()
         images = generate_samples(trained, cfg, captions, device, sampler=sampler, guidance=guidance)
+        sample_s = time.perf_counter() - t0  # the images are on the CPU: every queued kernel has finished
         scores = score_images(images, captions, labels, heldout, cfg, device)
         metrics.update({panel_metric(k, entry): v for k, v in scores.items()})
+        metrics[panel_metric("sample_img_per_s", entry)] = len(images) / max(sample_s, 1e-9)
         if tracker is not None and grid_dir is not None:
             suffix = f"_step{step:06d}" if step is not None else ""
             _log_grid(tracker, images[:16], captions[:16], grid_dir / f"eval_{entry}{suffix}.png")

@@ -6,7 +6,8 @@ registry names, schedule limits, the combinations within one config. What they c
 
 - the machine: the device exists (`cuda:3` on a 2-GPU host), the perf switches work on it, the data fits in
   its memory;
-- files: local CLIP / judge directories, dataset files (both splits of every distinct data config are built
+- files: local CLIP / judge directories, a latent run's VAE (never trained here: a missing one names the
+  `diffablate vae train` command), dataset files (both splits of every distinct data config are built
   once, so a corrupt image or a truncated Fashion-MNIST file fails with its name, not inside every trial),
   the FID Inception weights, the spec and output paths;
 - stores: `--storage` and `--tracking-uri` parse, their files can be created (nothing is created here), a
@@ -45,6 +46,7 @@ USER_ERRORS = {
     "diffablate.models.data": "DataError",
     "diffablate.models.checkpoint": "CheckpointError",
     "diffablate.models.clip": "ClipError",
+    "diffablate.models.vae": "VaeError",
     "diffablate.metrics.images": "MetricsError",
     "diffablate.studies.spec": "SpecError",
     "diffablate.studies.runner": "StudyError",
@@ -292,9 +294,20 @@ def check_clip_paths(cfg: Any) -> None:
             raise ConfigError(f"{field}: {path!r} is not a Hugging Face CLIP directory (no config.json)")
 
 
+def check_space(cfg: Any) -> None:
+    """A latent run's VAE exists and fits the config: `vae.path`, or the cached one for (data, vae config),
+    loaded on the CPU (weights hash, channels, f, resolution checked). Training never trains a VAE: a missing
+    one is a VaeError that gives the exact `diffablate vae train ...` command (models/vae.py resolve_vae)."""
+    if cfg.axes.space == "pixel":
+        return
+    from diffablate.models.space import build_space
+
+    build_space(cfg, "cpu")
+
+
 def check_run_config(cfg: Any, problems: Problems) -> None:
     """What `train` and a trial check before their first step: the device, the perf switches on it, local
-    CLIP / judge paths, memory. (The config itself was validated when it was built.)"""
+    CLIP / judge paths, memory, a latent run's VAE. (The config itself was validated when it was built.)"""
     dev = None
     with problems.check():
         dev = check_device(cfg.device, "device")
@@ -309,6 +322,8 @@ def check_run_config(cfg: Any, problems: Problems) -> None:
         check_clip_paths(cfg)
     with problems.check():
         check_memory(cfg)
+    with problems.check():
+        check_space(cfg)
 
 
 def check_data(data_cfgs: Iterable[Any], problems: Problems) -> None:
@@ -638,6 +653,8 @@ def evaluate_config(cfg: Any, problems: Problems | None = None) -> None:
         check_clip_paths(cfg)
     with own.check():
         check_memory(cfg)
+    with own.check():
+        check_space(cfg)
     if cfg.eval.fid or cfg.eval.kid:
         with own.check():
             check_fid_weights()

@@ -1,9 +1,12 @@
 """Training-loop promises on the CPU: artifacts, exact resume, divergence, fast-path switches that change
-nothing measured, compile fallback, EMA weights for sampling, and (slow) held-out loss that falls."""
+nothing measured, compile fallback, EMA weights for sampling, interrupts that leave a checkpoint of whole
+steps, and (slow) held-out loss that falls."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 from PIL import Image
 
+from diffablate.models import checkpoint as ckpt
 from diffablate.models import device as dev
 from diffablate.models import diffusion
 from diffablate.models import step as st
@@ -378,3 +382,98 @@ def test_heldout_loss_falls(tmp_path: Path) -> None:
     curve = t.series("heldout_loss")
     warnings.warn(f"slow trainer test: 200 steps in {elapsed:.0f} s; held-out {curve}", stacklevel=1)
     assert curve[-1][1] < 0.7 * curve[0][1]
+
+
+# --- interrupts (issue 16: Ctrl-C / SIGTERM leave a checkpoint at the last completed step) ------------------
+
+
+def interrupt_in_step(monkeypatch: pytest.MonkeyPatch, step_no: int, signals: int = 1) -> None:
+    """Send SIGINT to this process from inside step `step_no`'s device work (1-based), as Ctrl-C would land."""
+    real, calls = st.device_step, {"n": 0}
+
+    def sending(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == step_no:
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)  # let the handler run here, mid-step
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(st, "device_step", sending)
+
+
+def joined(a: MemoryTracker, b: MemoryTracker) -> dict[str, list[tuple[int | None, float]]]:
+    return {k: a.series(k) + b.series(k) for k in CURVES}
+
+
+@pytest.mark.parametrize(("at", "pending"), [
+    (5, []),  # nothing is due after step 5
+    (4, ["log", "eval"]),  # step 4's log and eval had not run: the resume does them first
+])
+def test_interrupt_inside_a_step_checkpoints_that_step_and_resumes_exactly(
+        straight: tuple[Path, MemoryTracker, tr.TrainResult], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        at: int, pending: list[str]) -> None:
+    _, ref, _ = straight
+    cfg = tiny(**RESUME_CFG, **{"train.sample_every": 8})
+    first, second = MemoryTracker(), MemoryTracker()
+    with monkeypatch.context() as m:
+        interrupt_in_step(m, at)
+        with pytest.raises(KeyboardInterrupt):
+            tr.train(cfg, tmp_path, tracker=first, progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handler is gone again
+    latest = ckpt.latest_checkpoint(tmp_path)
+    assert latest is not None and latest.name == f"step_{at:07d}"  # the step the signal arrived in, completed
+    assert ckpt.load_state(latest)["pending"] == pending
+    tr.train(cfg, tmp_path, tracker=second, progress=False)
+    assert joined(first, second) == curves(ref)  # every curve, bit for bit, each point logged once
+    assert json.loads((tmp_path / "timestep_loss.json").read_text())["data"] == \
+        json.loads((straight[0] / "timestep_loss.json").read_text())["data"]
+
+
+def test_interrupt_during_evaluation_finishes_that_steps_work_on_resume(
+        straight: tuple[Path, MemoryTracker, tr.TrainResult], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, ref, _ = straight
+    cfg = tiny(**RESUME_CFG, **{"train.sample_every": 8})
+    real = tr._evaluate
+
+    def interrupted_at_8(run: tr.Run) -> dict[str, float]:
+        if run.step == 8:
+            os.kill(os.getpid(), signal.SIGINT)  # between steps: delivered at once, inside the evaluation
+            time.sleep(0.01)
+        return real(run)
+
+    first, second = MemoryTracker(), MemoryTracker()
+    with monkeypatch.context() as m:
+        m.setattr(tr, "_evaluate", interrupted_at_8)
+        with pytest.raises(KeyboardInterrupt):
+            tr.train(cfg, tmp_path, tracker=first, progress=False)
+    latest = ckpt.latest_checkpoint(tmp_path)
+    assert latest.name == "step_0000008" and ckpt.load_state(latest)["pending"] == ["eval", "grid"]
+    assert not (tmp_path / "samples" / "grid_step000008.png").exists()
+    tr.train(cfg, tmp_path, tracker=second, progress=False)
+    assert joined(first, second) == curves(ref)
+    assert (tmp_path / "samples" / "grid_step000008.png").is_file()
+
+
+def test_a_step_torn_by_a_second_interrupt_is_never_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny(**RESUME_CFG)
+    interrupt_in_step(monkeypatch, 5, signals=2)  # Ctrl-C twice: the second one stops the step half done
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(cfg, tmp_path, tracker=MemoryTracker(), progress=False)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3]  # the scheduled one; nothing of step 5
+
+
+def test_interrupt_in_a_milestone_callback_calls_back_again_on_resume(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def interrupted_once(step_no: int, trained: tr.Trained) -> None:
+        calls.append(step_no)
+        if calls == [3]:
+            raise KeyboardInterrupt  # Ctrl-C while the trial scores its milestone
+
+    cfg = tiny(**MILESTONE_CFG)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(cfg, tmp_path, progress=False, milestones=(3, 6), on_milestone=interrupted_once)
+    assert ckpt.load_state(ckpt.latest_checkpoint(tmp_path))["pending"] == ["milestone"]
+    tr.train(cfg, tmp_path, progress=False, milestones=(3, 6), on_milestone=interrupted_once)
+    assert calls == [3, 3, 6]
