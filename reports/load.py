@@ -8,6 +8,7 @@ and artifact names) are the contract's "MLflow conventions" section.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -159,6 +160,8 @@ def _search_all(client: MlflowClient, experiment_id: str, filter_string: str) ->
 
 # MLflow draws a tqdm bar per download; a report downloads one or two files per trial, so silence it.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+if "MLFLOW_LOGGING_LEVEL" not in os.environ:  # MLflow's INFO lines mean nothing to a report's reader
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def _download(client: MlflowClient, run_id: str, path: str, tmp: Path) -> Path | None:

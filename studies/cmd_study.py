@@ -71,12 +71,16 @@ def run_cmd(
         if dry_run:
             _print_plan(spec)
             return
+        from diffablate.studies import progress
+
         handle = runner.run_study(spec, workdir=workdir, storage=storage, new_name=new_name, workers=workers,
                                   workers_per_gpu=workers_per_gpu, trial_fn=trial_fn, tracking_uri=uri,
-                                  log=typer.echo, pack=pack)
+                                  log=typer.echo, pack=pack, display=progress.display_for())
     except _errors() as e:
         _fail(e)
     _print_status(handle)
+    typer.echo(progress.next_line(progress.report_command(handle.study_name, handle.workdir,
+                                                          runner.default_workdir(handle.study_name))))
 
 
 def _print_plan(spec) -> None:  # noqa: ANN001 - StudySpec, imported lazily

@@ -124,9 +124,10 @@ def _sqlite_wal(url: str) -> None:
             con.close()
 
 
-def make_storage(url: str, spec: StudySpec | None, *, on_stale: Callable[[optuna.Study, Any], None] | None = None
-                 ) -> optuna.storages.BaseStorage:
-    """Optuna storage for `url`: RDB (sqlite/postgresql/...) with heartbeats, or `journal:<path>`."""
+def make_storage(url: str, spec: StudySpec | None, *, on_stale: Callable[[optuna.Study, Any], None] | None = None,
+                 readonly: bool = False) -> optuna.storages.BaseStorage:
+    """Optuna storage for `url`: RDB (sqlite/postgresql/...) with heartbeats, or `journal:<path>`.
+    readonly=True (a progress display's polls): no BEGIN IMMEDIATE on SQLite, so reads never take the write lock."""
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
@@ -148,7 +149,7 @@ def make_storage(url: str, spec: StudySpec | None, *, on_stale: Callable[[optuna
         )
     except Exception as e:  # sqlalchemy errors: bad driver, unreachable server, ...
         raise StudyError(f"--storage: cannot open {url!r}: {e}") from None
-    if url.startswith("sqlite"):
+    if url.startswith("sqlite") and not readonly:
         _sqlite_begin_immediate(storage.engine)
     return storage
 
@@ -237,6 +238,8 @@ def prepare_study(spec: StudySpec, workdir: Path | None = None, storage: str | N
             explicit = requested
         else:  # another process created it between our listing and create_study
             explicit = _same_tracking(spec.name, study.user_attrs.get(TRACKING_ATTR), requested, workdir, info)
+    if study.metric_names is None:  # optuna-dashboard then names the value, not "Objective 0" (older studies too)
+        study.set_metric_names([spec.objective_metric(spec.base)])
     # Record where this study lives; the storage URL and the MLflow store only when they are not the work dir's
     # own defaults, so the directory stays relocatable.
     spec_path = spec_file(workdir, spec.name)
@@ -395,6 +398,7 @@ class WorkerArgs:
     poll_s: float = 2.0
     tracking_uri: str | None = None  # MLflow store (None: as recorded for the study in the work dir)
     pack: str = "auto"  # trials trained together per worker: "auto" | "off" | an integer (see `pack_size`)
+    log_file: str | None = None  # a spawned worker's stdout and stderr, while a live display owns the terminal
 
 
 # `--pack auto` on a GPU: at most this many compatible trials in one pack. The claims UNet at batch 256 uses a
@@ -431,17 +435,49 @@ def check_pack(pack: str) -> str:
 
 def run_study(spec: StudySpec, *, workdir: Path | None = None, storage: str | None = None, new_name: str | None = None,
               workers: int | None = None, workers_per_gpu: int = 1, trial_fn: str | None = None,
-              tracking_uri: str | None = None, log: Callable[[str], None] = print, pack: str = "auto") -> StudyHandle:
+              tracking_uri: str | None = None, log: Callable[[str], None] = print, pack: str = "auto",
+              display: Any = None) -> StudyHandle:
     """Prepare (or resume) the study and run its trials with `workers` local processes; returns when none is left.
-    `tracking_uri`: the MLflow store of the parent and every child run (None: as recorded, else the work dir's)."""
+    `tracking_uri`: the MLflow store of the parent and every child run (None: as recorded, else the work dir's).
+    `display`: a studies.progress display fed from the Optuna storage while the trials run (None: silent)."""
     quiet_optuna()
     handle = prepare_study(spec, workdir, storage, new_name, tracking_uri)
     plan = placement(workers, workers_per_gpu)
     log(f"study {handle.study_name}: {handle.spec.n_planned} planned trials, {len(plan)} worker(s); "
         f"work dir {handle.workdir}; storage {redact(handle.storage)}; MLflow {redact(handle.tracking_uri)}")
+    from diffablate.studies import progress
+
+    # A live display owns the terminal: spawned workers write to log files instead (one in-process worker's
+    # prints go through the display's redirect).
+    logs = ([progress.worker_log(handle.workdir, i) for i in range(len(plan))]
+            if progress.keeps_terminal(display) and len(plan) > 1 else [])
     args = [WorkerArgs(handle.spec.source, "spec", handle.study_name, str(handle.workdir), storage, i, trial_fn,
-                       tuple(env.items()), threads, tracking_uri=handle.tracking_uri, pack=check_pack(pack))
+                       tuple(env.items()), threads, tracking_uri=handle.tracking_uri, pack=check_pack(pack),
+                       log_file=str(logs[i]) if logs else None)
             for i, (env, threads) in enumerate(plan)]
+    with _watching(handle, display, len(plan), progress.describe_logs(logs)):
+        _run_workers(args, log)
+    finish_parent_if_done(handle)
+    return handle
+
+
+@contextlib.contextmanager
+def _watching(handle: StudyHandle, display: Any, slots: int, logs: str | None) -> Any:
+    """`progress.Watch` over the study while the block runs (nothing without a display)."""
+    if display is None:
+        yield
+        return
+    from diffablate.studies import progress
+
+    spec = handle.spec
+    study = optuna.load_study(study_name=handle.study_name, storage=make_storage(handle.storage, None, readonly=True))
+    ctx = progress.Context(study=handle.study_name, objective=spec.objective_metric(spec.base), planned=spec.n_planned,
+                           slots=slots, logs=logs, prune_metric=spec.prune_metric)
+    with progress.Watch(study, spec, display, ctx):
+        yield
+
+
+def _run_workers(args: list[WorkerArgs], log: Callable[[str], None]) -> None:
     if len(args) == 1:
         worker_main(args[0])
     else:
@@ -462,8 +498,6 @@ def run_study(spec: StudySpec, *, workdir: Path | None = None, storage: str | No
         if bad:
             log(f"warning: {len(bad)} worker(s) exited abnormally (codes {bad}); their trials are retried by the others "
                 f"after the heartbeat grace period, or on the next `study run`")
-    finish_parent_if_done(handle)
-    return handle
 
 
 def quiet_optuna() -> None:
@@ -519,6 +553,11 @@ def worker_main(args: WorkerArgs) -> None:
         from diffablate.studies.interrupts import install_for_worker
 
         install_for_worker()
+    if args.log_file:  # the file descriptors themselves, so C-level output (torch, warnings) goes there too
+        Path(args.log_file).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.log_file, "ab", buffering=0) as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
     os.environ.update(dict(args.env))  # before torch is imported: CUDA_VISIBLE_DEVICES / thread counts
     quiet_optuna()
     if args.threads:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -42,6 +43,12 @@ from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlparse
 
 from diffablate.studies.workdir import ARTIFACTS_DIR, default_tracking_uri
+
+# MLflow prints INFO lines to stderr ("Creating initial MLflow database tables...") that tell a user nothing and
+# tear a live progress display; MLFLOW_LOGGING_LEVEL is read when mlflow is first imported. A user's setting wins.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+if os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING" and "mlflow" in sys.modules:  # imported before this module
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 MARKER = ".diffablate-store.json"
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limit for params

@@ -206,6 +206,11 @@ def _unrecorded_run(ctx: TrialContext, planned: int) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def run_name(arm: str, seed: int, number: int) -> str:
+    """A trial's MLflow run name: its arm, seed and trial number (`conditioning=none s1 · t004`)."""
+    return f"{arm} s{seed} · t{number:03d}"
+
+
 def _tracker(run_id: str, uri: str) -> Any:
     from diffablate.studies.tracking import MlflowTracker
 
@@ -243,13 +248,15 @@ def trial_flow(ctx: TrialContext, study: optuna.Study, trial: optuna.Trial) -> T
         attempt = len(system_attrs.get("retry_history", []))
         cell, seed, params = suggest(spec, trial)
         cfg = spec.cell_config(cell, seed, params)
+        arm = spec.arm_name(cell)
         tags = {"diffablate.role": "trial", "diffablate.study": spec.name, "diffablate.trial_number": str(trial.number),
-                "diffablate.cell": cell.label, "diffablate.seed": str(seed), "diffablate.planned": str(planned),
-                "diffablate.status": "RUNNING", "diffablate.fail_reason": ""}
+                "diffablate.cell": cell.label, "diffablate.arm": arm, "diffablate.seed": str(seed),
+                "diffablate.planned": str(planned), "diffablate.status": "RUNNING", "diffablate.fail_reason": ""}
         run_id = trial.user_attrs.get("mlflow_run_id") or _unrecorded_run(ctx, planned)
         retry = run_id is not None  # a retry after a lost worker: continue the same child run (and checkpoints)
         if not retry:
-            run_id = tracking.start_run(ctx.tracking_uri, spec.name, f"t{trial.number:03d} {cell.label} s{seed}",
+            # What tells runs apart comes first: MLflow's runs table cuts long names at its column width.
+            run_id = tracking.start_run(ctx.tracking_uri, spec.name, run_name(arm, seed, trial.number),
                                         ctx.parent_run_id, tags, workdir=ctx.workdir)
         # From here on the run's end - status and tags, whatever happens - belongs to the lifecycle.
         with tracking.run_lifecycle(ctx.tracking_uri, run_id, reopen=retry, ending_for=_ending):
