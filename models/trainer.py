@@ -55,6 +55,7 @@ from diffablate.models.device import resolve_device, resolve_perf
 from diffablate.models.probes import GRID_PROMPTS, GRID_SEED, HeldoutProbe, TimestepTable, sample_grid
 from diffablate.models.text import TEXT_ENCODERS, TextEncoder
 from diffablate.models.tracker import NullTracker, Tracker
+from diffablate.models.trainbar import NoBar, make_bar
 
 STREAMS = ("data", "dropout", "timestep", "noise")  # one generator each; "init" and "global" seed the rest
 # Config keys (prefixes) a resumed run may change: how long, how often, how fast - not what is trained.
@@ -193,6 +194,7 @@ class Run:
     train_s: float = 0.0  # pure training time so far, for img_per_s_mean
     interval: tuple[float, float] = (0.0, 0.0)  # Stopwatch mark at the start of the current log interval
     t_start: float = field(default_factory=time.perf_counter)
+    bar: NoBar = field(default_factory=NoBar)  # what `train` shows (models/trainbar.py); a pack's members show nothing
 
     @property
     def total(self) -> int:
@@ -216,16 +218,17 @@ def train(cfg: RunConfig, run_dir: str | Path, *, tracker: Tracker | None = None
     # Set up: data, models, optimiser, restore the newest checkpoint, compile, capture lazily, log the config.
     run = open_run(cfg, run_dir, tracker=tracker, resume=resume, on_eval=on_eval, milestones=milestones,
                    on_milestone=on_milestone)
-    with _progress(progress, run.total, run.step) as advance:
+    with _progress(progress, run.total, run.step) as run.bar:
         while run.step < run.total:
             # One optimisation step: batch, forward, loss, backward, AdamW, EMA (models/step.py).
             run.lr = step.train_step(run.s, run.step)
             run.step += 1
-            advance()
+            run.bar.advance()
             # Periodic work: log + divergence check, held-out eval, grid, milestone, checkpoint.
             after_step(run)
-    # Finish: final grid, final metrics, the last checkpoint as an artifact.
-    return finish(run)
+        # Finish: final grid, final metrics, the last checkpoint as an artifact.
+        with run.bar.phase("final samples"):
+            return finish(run)
 
 
 @dataclass(frozen=True)
@@ -258,22 +261,22 @@ def after_step(run: Run) -> None:
         _log_train(run)
     # Evaluate: held-out loss per timestep bucket, EMA weights; `on_eval` may prune (its exception propagates).
     if d.eval:
-        with run.clock.excluded(device):
+        with run.clock.excluded(device), run.bar.phase("eval held-out loss"):
             metrics = _evaluate(run)
         if run.on_eval is not None:
             run.on_eval(run.step, metrics)
     # Sample grid: fixed prompts from fixed noise.
     if d.grid:
-        with run.clock.excluded(device):
+        with run.clock.excluded(device), run.bar.phase("sample grid"):
             _save_grid(run, f"grid_step{run.step:06d}.png")
     # Milestone: the caller's callback on the EMA model, before the checkpoint that makes it durable (a kill
     # between the two re-runs the callback on resume, deterministically; the other order would lose it).
     if d.milestone:
-        with run.clock.excluded(device):
+        with run.clock.excluded(device), run.bar.phase(f"scoring step {run.step}"):
             _milestone(run)
     # Checkpoint (never of weights a NaN step has poisoned: the unlogged steps are checked first).
     if d.checkpoint:
-        with run.clock.excluded(device):
+        with run.clock.excluded(device), run.bar.phase("checkpoint"):
             _save_checkpoint(run)
 
 
@@ -467,6 +470,7 @@ def _log_train(run: Run) -> None:
     run.train_s += train_s
     s.meter.reset()
     run.tracker.log_metrics({**m, "lr": run.lr, "img_per_s": n * B / train_s}, step=run.step)
+    run.bar.show(run.step, m["train_loss"], n * B / train_s)
     run.last["train_loss"] = m["train_loss"]
     reason = _divergence(m["train_objective"], run.cfg.train.diverge_loss)
     if reason:
@@ -574,17 +578,13 @@ def finish(run: Run) -> TrainResult:
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool, total: int, done: int) -> Iterator[Callable[[], None]]:
-    """A rich progress bar when asked for and stderr is a terminal; otherwise a no-op."""
-    if not (enabled and sys.stderr.isatty()):
-        yield lambda: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), transient=False) as bar:
-        task = bar.add_task("train", total=total, completed=done)
-        yield lambda: bar.advance(task)
+def _progress(enabled: bool, total: int, done: int) -> Iterator[NoBar]:
+    """The run's bar (models/trainbar.py): rich on a terminal, plain lines elsewhere, nothing unless `enabled`."""
+    bar = make_bar(enabled, total, done, sys.stderr)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 # --- loading a trained model ------------------------------------------------------------------------------
