@@ -52,7 +52,7 @@ from diffablate.models.cuda_graph import GraphedTrainStep
 from diffablate.models.data import CaptionedImages, build_dataset
 from diffablate.models.denoiser import build_denoiser, count_parameters
 from diffablate.models.device import resolve_device, resolve_perf
-from diffablate.models.probes import GRID_PROMPTS, GRID_SEED, HeldoutProbe, TimestepTable, sample_grid
+from diffablate.models.probes import GRID_PROMPTS, GRID_SEED, HeldoutProbe, TimestepTable, bucket_metric, sample_grid
 from diffablate.models.text import TEXT_ENCODERS, TextEncoder
 from diffablate.models.tracker import NullTracker, Tracker
 from diffablate.models.trainbar import NoBar, make_bar
@@ -501,7 +501,8 @@ def _evaluate(run: Run) -> dict[str, float]:
     s = run.s
     per_bucket = run.probe.losses(s.ema.model, s.scheduler, 4 * run.cfg.train.batch_size, s.autocast)
     metrics = {"heldout_loss": sum(per_bucket) / len(per_bucket)}
-    metrics.update({f"heldout_loss_b{b:02d}": v for b, v in enumerate(per_bucket)})
+    T = run.cfg.diffusion.num_train_timesteps
+    metrics.update({bucket_metric(lo, hi, T): v for (lo, hi, _), v in zip(run.probe.bounds, per_bucket)})
     run.tracker.log_metrics(metrics, step=run.step)
     run.last["heldout_loss"] = metrics["heldout_loss"]
     run.table.add(run.step, per_bucket)
@@ -512,8 +513,10 @@ def _evaluate(run: Run) -> dict[str, float]:
 
 def _save_grid(run: Run, name: str) -> Path:
     path = run.run_dir / "samples" / name
-    sample_grid(run.s.ema.model, run.cfg, run.grid_prompts, run.s.device).save(path)
+    grid = sample_grid(run.s.ema.model, run.cfg, run.grid_prompts, run.s.device)
+    grid.save(path)
     run.tracker.log_artifact(path, "samples")
+    run.tracker.log_image(grid, "samples", step=run.step)  # the same prompts and noise at every step: a slider
     return path
 
 

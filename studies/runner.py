@@ -458,6 +458,13 @@ def run_study(spec: StudySpec, *, workdir: Path | None = None, storage: str | No
     with _watching(handle, display, len(plan), progress.describe_logs(logs)):
         _run_workers(args, log)
     finish_parent_if_done(handle)
+    from diffablate.studies import links
+
+    served = links.served_ui(handle.tracking_uri)
+    if served:  # an MLflow server: the dashboard's notes can link it now (a local store waits for `diffablate ui`)
+        from diffablate.studies.ui import link_notes
+
+        link_notes(handle.workdir, served, log)
     return handle
 
 

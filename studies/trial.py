@@ -102,7 +102,7 @@ class _MilestoneScorer:
         device = next(trained.denoiser.parameters()).device
         t0 = time.perf_counter()
         scores = evaluate_trained(trained, run.cfg, device=device, tracker=run.tracker, step=step, grid_dir=run.run_dir)
-        run.tracker.log_metrics(scores, step=step)
+        log_scores(run.tracker, scores, step)
         self.latest = dict(scores)
         oracle = {k.split("/")[1]: round(v, 3) for k, v in scores.items() if k.startswith("oracle_acc/")}
         print(f"trial {run.trial_number} ({run.cell.label}, seed {run.seed}): step {step} scored in "
@@ -120,6 +120,17 @@ class _MilestoneScorer:
         # A retry resumed past its last milestone already logged those scores; score the final checkpoint again.
         metrics.update(self.latest or evaluate_run(run.run_dir, cfg=run.cfg, tracker=run.tracker))
         return metrics
+
+
+def log_scores(tracker: Any, scores: Mapping[str, float], step: int | None) -> None:
+    """Scores as metrics (charted, compared across runs); their details - interval bounds, sample counts,
+    spread (metrics/names.py `is_detail`) - as `diffablate.score.<name>` tags, beside them but not charted."""
+    from diffablate.metrics.names import DETAIL_TAG, is_detail
+
+    tracker.log_metrics({k: v for k, v in scores.items() if not is_detail(k)}, step=step)
+    details = {f"{DETAIL_TAG}{k}": repr(float(v)) for k, v in scores.items() if is_detail(k)}
+    if details:
+        tracker.set_tags(details)
 
 
 def _diverged_error() -> type[BaseException]:
@@ -281,10 +292,11 @@ def trial_flow(ctx: TrialContext, study: optuna.Study, trial: optuna.Trial) -> T
             run = TrialRun(spec, cfg, cell, seed, ctx.run_dir(planned), tracker, on_eval, trial.number, attempt,
                            spec.design.milestones(spec))
             run.run_dir.mkdir(parents=True, exist_ok=True)
-            metrics = dict((yield run))
+            with tracking.system_metrics(run_id, ctx.tracking_uri):  # CPU/GPU use while it trains and scores
+                metrics = dict((yield run))
             finals = {k: float(v) for k, v in metrics.items() if v is not None}
             if finals:
-                tracker.log_metrics(finals, step=None)
+                log_scores(tracker, finals, None)
             objective = spec.objective_metric(cfg)
             if objective not in finals:
                 raise RuntimeError(f"the trial produced no {objective!r} (design.objective); got {sorted(finals)}")
