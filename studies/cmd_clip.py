@@ -9,8 +9,6 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from diffablate.models.config import ConfigError, DataConfig, RunConfig
-from diffablate.models.data import DataError
-from diffablate.studies.tracking import TrackingError
 
 clip_app = typer.Typer(help="Train and evaluate the in-project CLIP (no CLIP weights exist offline).",
                        no_args_is_help=True)
@@ -47,6 +45,8 @@ def train(
 ) -> None:
     """Train a CLIP on one role's half of the train split and save it in HF format."""
     from diffablate.models import clip
+    from diffablate.models.data import DataError  # torch: imported by the command, not by `diffablate --help`
+    from diffablate.studies.tracking import TrackingError
 
     sets = list(set_ or [])
     try:
@@ -104,7 +104,7 @@ def evaluate(
     from diffablate.metrics.clip_score import clip_score, matching_vs_shuffled
     from diffablate.metrics.retrieval import retrieval_scores
     from diffablate.models import clip
-    from diffablate.models.data import build_dataset
+    from diffablate.models.data import DataError, build_dataset
 
     try:
         data_cfg = _data_config(dataset, [s for s in (set_ or []) if not s.startswith("clip.")])

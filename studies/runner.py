@@ -281,9 +281,12 @@ def _plan_trials(study: optuna.Study, spec: StudySpec) -> None:
     study.add_trials(spec.design.plan(spec))
 
 
-def load_handle(workdir: Path, name: str | None = None, tracking_uri: str | None = None) -> StudyHandle:
+def load_handle(workdir: Path, name: str | None = None, tracking_uri: str | None = None, *,
+                with_mlflow: bool = True) -> StudyHandle:
     """Open an existing study of a work directory (for status, resume, ui). `tracking_uri` None: the MLflow
-    store recorded for it in study.json (its `--tracking-uri`, else the work dir's own)."""
+    store recorded for it in study.json (its `--tracking-uri`, else the work dir's own). with_mlflow=False
+    (`study status`: Optuna alone) leaves the experiment and parent run ids empty and never touches MLflow,
+    which costs seconds to import and open."""
     info = read_study_file(workdir)
     name = name or info.get("default")
     if name not in info["studies"]:
@@ -294,7 +297,7 @@ def load_handle(workdir: Path, name: str | None = None, tracking_uri: str | None
         spec = rename_spec(spec, name)
     url = storage_url(workdir, info["studies"][name]["storage"])
     uri = resolve_tracking_uri(tracking_uri) or _tracking_of(workdir, info, name)
-    exp_id, parent = ensure_parent_run(spec, workdir, create=False, uri=uri)
+    exp_id, parent = ensure_parent_run(spec, workdir, create=False, uri=uri) if with_mlflow else ("", "")
     return StudyHandle(spec, workdir, url, name, parent, exp_id, uri)
 
 
@@ -707,6 +710,33 @@ def trial_counts(handle: StudyHandle) -> dict[str, int]:
     out["fail"] -= len(retried)
     out["planned"] = handle.spec.n_planned
     return out
+
+
+def list_studies(root: Path = DEFAULT_ROOT) -> list[dict[str, Any]]:
+    """One row per study recorded under `root` (study name, work dir, trial counts by state, planned, stores),
+    read from study.json and the Optuna storage only: no spec is parsed and MLflow is not opened, so it is
+    quick. A storage that cannot be read gives a row with `error` set instead of counts."""
+    from diffablate.studies.workdir import study_dirs
+
+    rows = []
+    for wd in study_dirs(root):
+        info = read_study_file(wd)
+        for name, rec in info["studies"].items():
+            url = storage_url(wd, rec["storage"])
+            row: dict[str, Any] = {"study": name, "workdir": wd, "storage": redact(url),
+                                   "mlflow": redact(rec.get("tracking_uri") or default_tracking_uri(wd)), "error": ""}
+            try:
+                study = optuna.load_study(study_name=name, storage=make_storage(url, None, readonly=True))
+                states = [t.state for t in study.get_trials(deepcopy=False)]
+                retried = {h for t in study.get_trials(deepcopy=False) for h in t.system_attrs.get(_RETRY_MARK, [])}
+                row.update(planned=study.user_attrs.get("n_planned"),
+                           complete=states.count(TrialState.COMPLETE), running=states.count(TrialState.RUNNING),
+                           waiting=states.count(TrialState.WAITING), pruned=states.count(TrialState.PRUNED),
+                           fail=states.count(TrialState.FAIL) - len(retried))
+            except Exception as e:  # noqa: BLE001 - one unreadable study must not hide the others
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            rows.append(row)
+    return rows
 
 
 def status_rows(handle: StudyHandle) -> tuple[dict[str, int], list[dict[str, Any]]]:

@@ -133,3 +133,22 @@ def test_dashboard_notes_link_the_mlflow_runs():
     assert "(http://127.0.0.1:5555/#/experiments/7/runs/abc123)" in get_note(optuna.trial.Trial(study, trial._trial_id))
     assert links.write_notes(study, spec, "7", "parent9", ui, "diffablate report smoke") == 0  # unchanged: no new version
     assert links.served_ui("http://mlflow:5000/") == "http://mlflow:5000" and links.served_ui("sqlite:///x.db") is None
+
+
+def test_ui_links_each_studys_notes_to_the_served_mlflow(tmp_path, trial_module):
+    from optuna_dashboard import get_note
+
+    from diffablate.studies import ui
+
+    fake = trial_module("fake_ux_notes_mod", "def ok(run):\n    return {'final_heldout_loss': 0.5}\n")
+    spec = parse_spec(SEARCH.replace('kind = "search"', 'kind = "factorial"\n[design.axes]\ntimestep_sampler = '
+                                     '["uniform"]').replace("n_trials = 2\n", "").replace(
+                                         'space = { "train.lr" = { type = "float", low = 1e-4, high = 1e-3, log = true } }\n', ""))
+    handle = runner.run_study(spec, workdir=tmp_path / "wd", trial_fn=f"{fake}:ok", log=lambda m: None)
+    said: list[str] = []
+    ui.link_notes(handle.workdir, "http://127.0.0.1:1234", said.append)
+    assert said == ["study srch: optuna-dashboard notes link the MLflow runs (3 updated)"]  # the study + 2 trials
+    study = optuna.load_study(study_name="srch", storage=runner.make_storage(handle.storage, None))
+    assert f"http://127.0.0.1:1234/#/experiments/{handle.experiment_id}/runs/{handle.parent_run_id}" in get_note(study)
+    for t in study.get_trials():
+        assert f"/runs/{t.user_attrs['mlflow_run_id']})" in get_note(optuna.trial.Trial(study, t._trial_id))
