@@ -408,7 +408,8 @@ def interrupt_in_step(monkeypatch: pytest.MonkeyPatch, step_no: int, signals: in
 
 
 def joined(a: MemoryTracker, b: MemoryTracker) -> dict[str, list[tuple[int | None, float]]]:
-    return {k: a.series(k) + b.series(k) for k in CURVES}
+    buckets = sorted({k for t in (a, b) for k in t.metrics if k.startswith("heldout_loss_t/")})
+    return {k: a.series(k) + b.series(k) for k in (*CURVES, *buckets)}
 
 
 @pytest.mark.parametrize(("at", "pending"), [
