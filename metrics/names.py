@@ -8,6 +8,11 @@ A **panel entry** is one way of sampling a trained model: a sampler of the sampl
 Every score that depends on sampling is logged once per entry as ``<score>/<entry>``
 (``oracle_acc/ddpm-g3``, ``fid_ci_low/ddim-g1``); MLflow's UI groups metrics by the ``/`` prefix, and
 pandas pivots them with `split_metric`. Scores that do not sample (``final_heldout_loss``) keep plain names.
+
+A score's *details* - its interval bounds, sample counts and spread (``fid_ci_low/ddim-g3``, ``fid_n_gen/...``,
+``oracle_n/...``, ``kid_std/...``; `is_detail`) - are numbers about a score, not curves: studies/ writes them as
+run tags ``diffablate.score.<name>`` (`DETAIL_TAG`) so MLflow does not chart them, and reports/ reads them back
+under the same names (older stores have them as metrics; both read the same).
 """
 
 from __future__ import annotations
@@ -16,6 +21,15 @@ import re
 
 PANEL_SEP = "/"
 _ENTRY = re.compile(r"^(?P<sampler>[a-z][a-z0-9_]*(?:-[a-z0-9_]+)*?)-g(?P<guidance>[0-9]+(?:\.[0-9]+)?)$")
+
+
+DETAIL_TAG = "diffablate.score."
+_DETAIL = re.compile(r"_(ci_low|ci_high|n|n_gen|n_ref|std)$")
+
+
+def is_detail(name: str) -> bool:
+    """``fid_ci_low/ddim-g3``, ``oracle_n/ddpm-g1``, ``kid_std/...`` -> True; ``fid/ddim-g3`` -> False."""
+    return bool(_DETAIL.search(split_metric(name)[0]))
 
 
 def entry_name(sampler: str, guidance: float) -> str:

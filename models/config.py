@@ -53,8 +53,11 @@ def _unit_interval(path: str, value: float, *, closed_right: bool = True) -> Non
 
 
 def _one_of(path: str, value: str, choices: typing.Iterable[str]) -> None:
+    from diffablate.models.registry import did_you_mean  # a typo of a registry name gets the near miss
+
     choices = list(choices)
-    _check(value in choices, path, f"must be one of {choices}", value)
+    if value not in choices:
+        raise ConfigError(f"{path}: must be one of {choices}, got {value!r}{did_you_mean(value, choices)}")
 
 
 def _names(key: str) -> list[str]:

@@ -27,6 +27,15 @@ GRID_PROMPTS = 16  # sample grids show the first 16 held-out captions ...
 GRID_SEED = 20231  # ... from the same noise in every run and trial, so grids compare side by side
 EVAL_NOISE_SEED = 7919  # fixed held-out noise: the per-bucket losses of different runs see the same x_t
 TABLE_COLUMNS = ("step", "bucket", "t_lo", "t_hi", "t_mid", "loss")
+BUCKET_METRIC = "heldout_loss_t"  # per-bucket copies for the MLflow UI: one chart section, one chart per t range
+
+
+def bucket_metric(t_lo: int, t_hi: int, num_timesteps: int) -> str:
+    """The MLflow metric of one timestep bucket [t_lo, t_hi): `heldout_loss_t/050-099` (T = 1000), the range
+    inclusive and zero-padded so the UI sorts the charts by t. MLflow groups metrics by the part before "/".
+    Reports read the whole profile from timestep_loss.json, not from these."""
+    width = len(str(num_timesteps - 1))
+    return f"{BUCKET_METRIC}/{t_lo:0{width}d}-{t_hi - 1:0{width}d}"
 
 
 @dataclass

@@ -6,9 +6,18 @@ an error before any compute - never a silent fallback to the baseline.
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+import difflib
+from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
+
+
+def did_you_mean(name: object, choices: Iterable[str]) -> str:
+    """`" (did you mean 'uniform'?)"` for a near miss such as 'unifrom', else "" (difflib's ratio >= 0.6)."""
+    if not isinstance(name, str):
+        return ""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class Registry(Generic[T]):
@@ -34,7 +43,8 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; choose one of {list(self._items)}") from None
+            raise KeyError(f"unknown {self.kind} {name!r}{did_you_mean(name, self._items)}; "
+                           f"choose one of {list(self._items)}") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)

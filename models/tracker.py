@@ -39,6 +39,10 @@ class Tracker(Protocol):
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set run tags."""
 
+    def log_image(self, image: Any, key: str, step: int | None = None) -> None:
+        """Record a PIL image as step `step` of the image series `key` (MLflow's image slider), beside any
+        plain artifact of the same picture."""
+
 
 class NullTracker:
     """Drops everything: `train()` without a tracker."""
@@ -61,6 +65,9 @@ class NullTracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         pass
 
+    def log_image(self, image: Any, key: str, step: int | None = None) -> None:
+        pass
+
 
 class MemoryTracker:
     """Keeps everything in memory; artifacts are copied into `artifact_dir` when one is given.
@@ -75,6 +82,7 @@ class MemoryTracker:
         self.dicts: dict[str, Any] = {}
         self.tables: dict[str, dict[str, list[Any]]] = {}
         self.tags: dict[str, str] = {}
+        self.images: dict[str, list[tuple[int | None, tuple[int, int]]]] = {}  # key -> (step, image size)
         self.artifact_dir = Path(artifact_dir) if artifact_dir is not None else None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -105,6 +113,9 @@ class MemoryTracker:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.tags.update({k: str(v) for k, v in tags.items()})
+
+    def log_image(self, image: Any, key: str, step: int | None = None) -> None:
+        self.images.setdefault(key, []).append((step, tuple(image.size)))
 
     def series(self, name: str) -> list[tuple[int | None, float]]:
         """The logged `(step, value)` pairs of one metric (empty when never logged)."""

@@ -54,10 +54,11 @@ from diffablate.models.cuda_graph import GraphedTrainStep
 from diffablate.models.data import CaptionedImages, build_dataset
 from diffablate.models.denoiser import build_denoiser, count_parameters
 from diffablate.models.device import resolve_device, resolve_perf
-from diffablate.models.probes import GRID_PROMPTS, GRID_SEED, HeldoutProbe, TimestepTable, sample_grid
+from diffablate.models.probes import GRID_PROMPTS, GRID_SEED, HeldoutProbe, TimestepTable, bucket_metric, sample_grid
 from diffablate.models.space import Space, build_space
 from diffablate.models.text import TEXT_ENCODERS, TextEncoder
 from diffablate.models.tracker import NullTracker, Tracker
+from diffablate.models.trainbar import NoBar, make_bar
 
 STREAMS = ("data", "dropout", "timestep", "noise")  # one generator each; "init" and "global" seed the rest
 # Config keys (prefixes) a resumed run may change: how long, how often, how fast - not what is trained.
@@ -200,6 +201,7 @@ class Run:
     train_s: float = 0.0  # pure training time so far, for img_per_s_mean
     interval: tuple[float, float] = (0.0, 0.0)  # Stopwatch mark at the start of the current log interval
     t_start: float = field(default_factory=time.perf_counter)
+    bar: NoBar = field(default_factory=NoBar)  # what `train` shows (models/trainbar.py); a pack's members show nothing
 
     @property
     def total(self) -> int:
@@ -225,18 +227,19 @@ def train(cfg: RunConfig, run_dir: str | Path, *, tracker: Tracker | None = None
     # Set up: data, models, optimiser, restore the newest checkpoint, compile, capture lazily, log the config.
     run = open_run(cfg, run_dir, tracker=tracker, resume=resume, on_eval=on_eval, milestones=milestones,
                    on_milestone=on_milestone)
-    with _progress(progress, run.total, run.step) as advance, _checkpoint_on_interrupt(run):
+    with _progress(progress, run.total, run.step) as run.bar, _checkpoint_on_interrupt(run):
         while run.step < run.total:
             # One optimisation step: batch, forward, loss, backward, AdamW, EMA (models/step.py). An interrupt
             # (Ctrl-C, SIGTERM) lands before or after it, never inside: see `_checkpoint_on_interrupt`.
             with run.boundary.inside():
                 run.lr = step.train_step(run.s, run.step)
                 run.step += 1
-            advance()
+            run.bar.advance()
             # Periodic work: log + divergence check, held-out eval, grid, milestone, checkpoint.
             after_step(run)
-    # Finish: final grid, final metrics, the last checkpoint as an artifact.
-    return finish(run)
+        # Finish: final grid, final metrics, the last checkpoint as an artifact.
+        with run.bar.phase("final samples"):
+            return finish(run)
 
 
 @dataclass(frozen=True)
@@ -274,25 +277,25 @@ def after_step(run: Run) -> None:
         run.settled["log"] = run.step
     # Evaluate: held-out loss per timestep bucket, EMA weights; `on_eval` may prune (its exception propagates).
     if d.eval:
-        with run.clock.excluded(device):
+        with run.clock.excluded(device), run.bar.phase("eval held-out loss"):
             metrics = _evaluate(run)
         if run.on_eval is not None:
             run.on_eval(run.step, metrics)
         run.settled["eval"] = run.step
     # Sample grid: fixed prompts from fixed noise.
     if d.grid:
-        with run.clock.excluded(device):
+        with run.clock.excluded(device), run.bar.phase("sample grid"):
             _save_grid(run, f"grid_step{run.step:06d}.png")
         run.settled["grid"] = run.step
     # Milestone: the caller's callback on the EMA model, before the checkpoint that makes it durable (a kill
     # between the two re-runs the callback on resume, deterministically; the other order would lose it).
     if d.milestone:
-        with run.clock.excluded(device):
+        with run.clock.excluded(device), run.bar.phase(f"scoring step {run.step}"):
             _milestone(run)
         run.settled["milestone"] = run.step
     # Checkpoint (never of weights a NaN step has poisoned: the unlogged steps are checked first).
     if d.checkpoint:
-        with run.clock.excluded(device):
+        with run.clock.excluded(device), run.bar.phase("checkpoint"):
             _save_checkpoint(run)
         run.settled["checkpoint"] = run.step
 
@@ -566,6 +569,7 @@ def _log_train(run: Run) -> None:
     run.train_s += train_s
     s.meter.reset()
     run.tracker.log_metrics({**m, "lr": run.lr, "img_per_s": n * B / train_s}, step=run.step)
+    run.bar.show(run.step, m["train_loss"], n * B / train_s)
     run.last["train_loss"] = m["train_loss"]
     reason = _divergence(m["train_objective"], run.cfg.train.diverge_loss)
     if reason:
@@ -596,7 +600,8 @@ def _evaluate(run: Run) -> dict[str, float]:
     s = run.s
     per_bucket = run.probe.losses(s.ema.model, s.scheduler, 4 * run.cfg.train.batch_size, s.autocast)
     metrics = {"heldout_loss": sum(per_bucket) / len(per_bucket)}
-    metrics.update({f"heldout_loss_b{b:02d}": v for b, v in enumerate(per_bucket)})
+    T = run.cfg.diffusion.num_train_timesteps
+    metrics.update({bucket_metric(lo, hi, T): v for (lo, hi, _), v in zip(run.probe.bounds, per_bucket)})
     run.tracker.log_metrics(metrics, step=run.step)
     run.last["heldout_loss"] = metrics["heldout_loss"]
     run.table.add(run.step, per_bucket)
@@ -607,8 +612,10 @@ def _evaluate(run: Run) -> dict[str, float]:
 
 def _save_grid(run: Run, name: str) -> Path:
     path = run.run_dir / "samples" / name
-    sample_grid(run.s.ema.model, run.cfg, run.grid_prompts, run.s.device, run.s.space).save(path)
+    grid = sample_grid(run.s.ema.model, run.cfg, run.grid_prompts, run.s.device, run.s.space)
+    grid.save(path)
     run.tracker.log_artifact(path, "samples")
+    run.tracker.log_image(grid, "samples", step=run.step)  # the same prompts and noise at every step: a slider
     return path
 
 
@@ -678,17 +685,13 @@ def finish(run: Run) -> TrainResult:
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool, total: int, done: int) -> Iterator[Callable[[], None]]:
-    """A rich progress bar when asked for and stderr is a terminal; otherwise a no-op."""
-    if not (enabled and sys.stderr.isatty()):
-        yield lambda: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), transient=False) as bar:
-        task = bar.add_task("train", total=total, completed=done)
-        yield lambda: bar.advance(task)
+def _progress(enabled: bool, total: int, done: int) -> Iterator[NoBar]:
+    """The run's bar (models/trainbar.py): rich on a terminal, plain lines elsewhere, nothing unless `enabled`."""
+    bar = make_bar(enabled, total, done, sys.stderr)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 # --- loading a trained model ------------------------------------------------------------------------------

@@ -130,7 +130,7 @@ def build_report(study_name: str, tracking_uri: str, out_dir: Path, *, optuna_st
     files += [out_dir / "report.md", out_dir / "report.html", *sorted(fig_dir.glob("*"))]
     tags = _parent_tags(judgement, pick)
     if log_to_mlflow:
-        log_report(study, out_dir, tags)
+        log_report(study, out_dir, tags, _parent_metrics(judgement))
     return ReportResult(out_dir=out_dir, files=files, claims=judgement.claims, missing=missing, notes=notes,
                         verdicts=judgement.rows, instrument=judgement.instrument, tags=tags,
                         picked_budget=pick.picked if pick else None)
@@ -235,12 +235,27 @@ def _scope(study: StudyData, j: verdicts.Judgement) -> str:
             + (", ".join(study.panel.entries) or "none") + f"; primary {study.panel.primary or '–'}.")
 
 
+def _claim_key(claim: Any) -> str:
+    # MLflow tag and metric keys allow word characters, . - / and space (and no ".." path tricks); map the rest.
+    return re.sub(r"[^\w.\- ]", "_", str(claim)).replace("..", "_")
+
+
+def _parent_metrics(j: verdicts.Judgement) -> dict[str, float]:
+    """Each claim's effect and 95 % CI as parent-run metrics (`effect.<claim>`, `effect_ci_low.<claim>`, ...):
+    numbers MLflow can sort and filter studies by (a search such as metrics.`effect.x` < 0); the verdicts are tags."""
+    out: dict[str, float] = {}
+    for _, r in j.claims.iterrows():
+        for name, col in (("effect", "effect"), ("effect_ci_low", "ci_low"), ("effect_ci_high", "ci_high")):
+            if _num(r.get(col)):
+                out[f"{name}.{_claim_key(r['claim'])}"] = float(r[col])
+    return out
+
+
 def _parent_tags(j: verdicts.Judgement, pick: learning.BudgetPick | None) -> dict[str, str]:
     """Verdicts on the parent run, so studies can be filtered and compared by them in MLflow."""
     tags = {"diffablate.instrument": j.instrument, "diffablate.trusted": j.trusted}
     for _, r in j.claims.iterrows():
-        # MLflow tag keys allow word characters, . - / : and space (and no ".." path tricks); map the rest to _.
-        key = re.sub(r"[^\w.\- ]", "_", str(r["claim"])).replace("..", "_")
+        key = _claim_key(r["claim"])
         tags[f"diffablate.verdict.{key}"] = str(r["verdict"])
         tags[f"diffablate.agreement.{key}"] = str(r["agreement"])
         tags[f"diffablate.effect.{key}"] = _effect_str(r)

@@ -8,9 +8,11 @@ and artifact names) are the contract's "MLflow conventions" section.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from diffablate.metrics.names import entry_name, panel_metric, split_metric
+from diffablate.metrics.names import DETAIL_TAG, entry_name, panel_metric, split_metric
 
 TAG = "diffablate."
 PARENT_TAG = "mlflow.parentRunId"
@@ -37,8 +39,9 @@ HEADLINE_SCORES = ("fid", "kid", "clip_score", "oracle_acc", "class_acc")  # wha
 # Non-sampling final metrics in the contract's order; any other plain metric follows, sorted by name.
 PLAIN_METRICS = ("final_train_loss", "final_heldout_loss", "oracle_ceiling", "class_acc_ceiling", "train_wall_s",
                  "img_per_s_mean")
-# Per-bucket UI copies of timestep_loss.json, raw per-step series and MLflow system metrics are not "final".
-_NOT_FINAL = re.compile(r"^heldout_loss_b\d+|^(train_loss|heldout_loss|lr|img_per_s)$|^system/")
+# Per-bucket UI copies of timestep_loss.json (`heldout_loss_t/050-099`; `heldout_loss_b02` in older stores), raw
+# per-step series and MLflow system metrics are not "final".
+_NOT_FINAL = re.compile(r"^heldout_loss_b\d+|^heldout_loss_t/|^(train_loss|heldout_loss|lr|img_per_s)$|^system/")
 TIMESTEP_ARTIFACT = "timestep_loss.json"
 SAMPLES_ARTIFACT = "samples/final.png"  # the trainer's last fixed-prompt grid (its prompts: samples/prompts.json)
 PROMPTS_ARTIFACT = "samples/prompts.json"
@@ -159,6 +162,8 @@ def _search_all(client: MlflowClient, experiment_id: str, filter_string: str) ->
 
 # MLflow draws a tqdm bar per download; a report downloads one or two files per trial, so silence it.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+if "MLFLOW_LOGGING_LEVEL" not in os.environ:  # MLflow's INFO lines mean nothing to a report's reader
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def _download(client: MlflowClient, run_id: str, path: str, tmp: Path) -> Path | None:
@@ -325,6 +330,12 @@ def _trial_row(run: Run, cell: dict[str, str], axes: list[str], old_entry: str) 
     for axis in axes:
         row[axis] = axis_value(params, cell, axis)
     metrics = {name: v for name, v in run.data.metrics.items() if not _NOT_FINAL.match(name)}
+    for key, text in tags.items():  # scores' details (CI bounds, counts) are tags since they stopped being charted
+        if key.startswith(DETAIL_TAG):
+            try:
+                metrics.setdefault(key[len(DETAIL_TAG):], float(text))
+            except ValueError:
+                continue
     has_panel = {split_metric(n)[0] for n in metrics if split_metric(n)[1] is not None}
     for name, value in metrics.items():
         score, entry = _score_entry(name, old_entry)
@@ -429,13 +440,18 @@ def download_samples(study: StudyData, run_ids: list[str], dest: Path,
     return out
 
 
-def log_report(study: StudyData, report_dir: Path, tags: dict[str, str] | None = None) -> None:
+def log_report(study: StudyData, report_dir: Path, tags: dict[str, str] | None = None,
+               metrics: dict[str, float] | None = None) -> None:
     """Log the report directory to the study's parent run under artifact path ``report/``, and ``tags`` (the
-    verdicts, so studies can be filtered and compared by them in MLflow) on the parent run."""
-    from mlflow.entities import RunTag
+    verdicts) and ``metrics`` (the effects) on the parent run, so studies can be filtered and compared by them."""
+    from mlflow.entities import Metric, RunTag
 
     client = MlflowClient(tracking_uri=study.tracking_uri)
     client.log_artifacts(study.parent_run_id, str(report_dir), "report")
     items = [RunTag(k, v[:5000]) for k, v in sorted((tags or {}).items())]
     for i in range(0, len(items), 100):  # MLflow's log_batch limit for tags
         client.log_batch(study.parent_run_id, tags=items[i:i + 100])
+    ts = int(time.time() * 1000)
+    values = [Metric(k, v, ts, 0) for k, v in sorted((metrics or {}).items())]
+    for i in range(0, len(values), 1000):  # ... and for metrics
+        client.log_batch(study.parent_run_id, metrics=values[i:i + 1000])

@@ -10,8 +10,6 @@ from typing import Any, ContextManager, List, Optional
 import typer
 
 from diffablate.models.config import ConfigError, DataConfig, RunConfig
-from diffablate.models.data import DataError
-from diffablate.studies.tracking import TrackingError
 
 clip_app = typer.Typer(help="Train and evaluate the in-project CLIP (no CLIP weights exist offline).",
                        no_args_is_help=True)
@@ -48,7 +46,9 @@ def train(
 ) -> None:
     """Train a CLIP on one role's half of the train split and save it in HF format."""
     from diffablate.models import clip
+    from diffablate.models.data import DataError  # torch: imported by the command, not by `diffablate --help`
     from diffablate.studies import preflight
+    from diffablate.studies.tracking import TrackingError
 
     sets = list(set_ or [])
     try:
@@ -99,7 +99,7 @@ def evaluate(
     from diffablate.metrics.clip_score import clip_score, matching_vs_shuffled
     from diffablate.metrics.retrieval import retrieval_scores
     from diffablate.models import clip
-    from diffablate.models.data import build_dataset
+    from diffablate.models.data import DataError, build_dataset
 
     from diffablate.studies import preflight
 

@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from diffablate.models.config import ConfigError
-from diffablate.studies.spec import SpecError
 
 study_app = typer.Typer(help="Run and inspect Optuna studies tracked in MLflow.", no_args_is_help=True)
 
@@ -18,6 +17,7 @@ def _errors() -> tuple[type[BaseException], ...]:
     from diffablate.models.data import DataError
     from diffablate.studies.preflight import PreflightError
     from diffablate.studies.runner import StudyError
+    from diffablate.studies.spec import SpecError  # optuna: imported by the commands, not by `diffablate --help`
     from diffablate.studies.tracking import TrackingError
     from diffablate.studies.workdir import WorkdirError
 
@@ -76,10 +76,14 @@ def run_cmd(
         if dry_run:
             _print_plan(spec)
             return
+        from diffablate.studies import advice, progress
+
+        for line in advice.for_configs(c.cfg for c in spec.cells):  # valid but unlikely to work well here
+            typer.echo(f"warning: {line}", err=True)
         uri = runner.check_tracking_uri(tracking_uri, connect=True)  # creates an explicit SQLite store
         handle = runner.run_study(spec, workdir=workdir, storage=storage, new_name=new_name, workers=workers,
                                   workers_per_gpu=workers_per_gpu, trial_fn=trial_fn, tracking_uri=uri,
-                                  log=typer.echo, pack=pack)
+                                  log=typer.echo, pack=pack, display=progress.display_for())
     except _errors() as e:
         _fail(e)
     except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the trials were re-queued, their MLflow runs closed KILLED
@@ -87,6 +91,8 @@ def run_cmd(
                    "its checkpoints kept in the work dir)", err=True)
         raise
     _print_status(handle)
+    typer.echo(progress.next_line(progress.report_command(handle.study_name, handle.workdir,
+                                                          runner.default_workdir(handle.study_name))))
 
 
 def _print_plan(spec) -> None:  # noqa: ANN001 - StudySpec, imported lazily
@@ -105,7 +111,8 @@ def _print_plan(spec) -> None:  # noqa: ANN001 - StudySpec, imported lazily
 
 @study_app.command("status")
 def status_cmd(
-    study: str = typer.Argument(..., help="Study name (under studies-out/) or work directory."),
+    study: Optional[str] = typer.Argument(None, help="Study name (under studies-out/) or work directory (default: "
+                                                     "this directory's study, else the only one under studies-out/)."),
     name: Optional[str] = typer.Option(None, "--study", help="Which study of the work dir (default: its first)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
                                                help="MLflow store of the study (default: the one `study run` "
@@ -113,12 +120,41 @@ def status_cmd(
 ) -> None:
     """Trial counts (done/running/failed/pruned) and per-cell best/mean objective values."""
     from diffablate.studies import runner
+    from diffablate.studies.workdir import WorkdirError, default_study_dir
 
     try:
-        handle = runner.load_handle(runner.resolve_workdir(study), name, tracking_uri)
-    except _errors() as e:
+        wd = runner.resolve_workdir(study) if study is not None else default_study_dir()
+        handle = runner.load_handle(wd, name, tracking_uri, with_mlflow=False)  # Optuna alone: seconds faster
+    except (*_errors(), WorkdirError) as e:
         _fail(e)
     _print_status(handle)
+
+
+@study_app.command("list")
+def list_cmd(
+    root: Path = typer.Option(Path("studies-out"), "--root", help="Folder of study work directories."),
+) -> None:
+    """Every study under studies-out/ (or --root): trials done / planned, running, failed, where it is stored."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from diffablate.studies import runner
+
+    rows = runner.list_studies(root)
+    if not rows:
+        typer.echo(f"no studies under {root}/ (run `diffablate study run SPEC` to start one)")
+        return
+    table = Table(title=f"studies under {root}/", caption="diffablate study status NAME for one study's cells")
+    for col in ("study", "done", "running", "waiting", "failed", "pruned", "work dir", "storage", "MLflow"):
+        table.add_column(col, justify="right" if col in ("done", "running", "waiting", "failed", "pruned") else "left")
+    for r in rows:
+        if r["error"]:
+            table.add_row(r["study"], "?", "", "", "", "", str(r["workdir"]), r["storage"], r["error"])
+            continue
+        done = f"{r['complete']}/{r['planned']}" if r["planned"] is not None else str(r["complete"])
+        table.add_row(r["study"], done, str(r["running"]), str(r["waiting"]), str(r["fail"]), str(r["pruned"]),
+                      str(r["workdir"]), r["storage"], r["mlflow"])
+    Console(width=200).print(table)
 
 
 def _print_status(handle) -> None:  # noqa: ANN001 - StudyHandle

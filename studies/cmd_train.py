@@ -105,6 +105,10 @@ def train_cmd(
     run_id, resumed = _mlflow_run(uri, experiment, name, run_dir, resume=not no_resume, cfg=cfg, workdir=workdir)
     tracker = tracking.MlflowTracker(run_id, uri)
     typer.echo(f"run {name}: {run_dir} (MLflow run {run_id} in {uri}, experiment {experiment!r})", err=True)
+    from diffablate.studies import advice
+
+    for line in advice.for_config(cfg):  # valid but unlikely to work well here: said before the wait
+        typer.echo(f"warning: {line}", err=True)
 
     def ending(e: BaseException) -> tracking.RunEnding | None:
         if isinstance(e, TrainingDiverged):

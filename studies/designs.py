@@ -120,7 +120,12 @@ class Design(ABC):
     # --- Optuna ------------------------------------------------------------------------------------
 
     def grid_space(self, spec: "StudySpec") -> dict[str, list[Any]]:
-        """GridSampler's search space: cell index x seed (factorial overrides this)."""
+        """GridSampler's search space: cell index x seed (factorial overrides this).
+
+        The seed has to be a parameter here, not only a user attr: a grid id names one point of this space,
+        and without the seed the (cell, seed) trials of one cell would be the same point, so GridSampler
+        could neither plan them apart nor keep a retried copy on its own point. optuna-dashboard therefore
+        lists `seed` among the parameters (and in its importance plot); its note says it is no factor."""
         return {"cell": list(range(len(spec.cells))), "seed": list(spec.seeds)}
 
     def make_sampler(self, spec: "StudySpec", worker: int = 0) -> optuna.samplers.BaseSampler:
@@ -339,7 +344,10 @@ class Search(Design):
 
     def suggest(self, spec: "StudySpec", trial: optuna.Trial) -> tuple[Cell, int, dict[str, Any]]:
         cell = spec.cells[trial.suggest_categorical("cell", list(range(len(spec.cells))))]
-        seed = trial.suggest_categorical("seed", list(spec.seeds))
+        # The seed is a user attr (set by the trial), not a parameter: the sampler must not model it as a
+        # factor, nor the dashboard plot its "importance". Planned trials carry it as a fixed value.
+        fixed = trial.storage.get_trial_system_attrs(trial._trial_id).get("fixed_params", {})
+        seed = fixed["seed"] if "seed" in fixed else trial.suggest_categorical("seed", list(spec.seeds))
         params: dict[str, Any] = {}
         for p in spec.space:
             if p.type == "float":

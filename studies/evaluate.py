@@ -211,9 +211,10 @@ def evaluate_trained(trained: Any, cfg: RunConfig, *, n: int | None = None, devi
             from diffablate.metrics.oracle import ORACLE_VERSION
 
             tracker.log_params({"derived.oracle_version": ORACLE_VERSION})
+    at = step if step is not None else getattr(trained, "step", 0)  # the image series' step: the model's
     if tracker is not None and grid_dir is not None:  # the real images behind the same captions, for the report
         idx = [i % len(heldout) for i in range(min(16, n))]
-        _log_grid(tracker, heldout.images[idx], captions[:16], grid_dir / "real.png")
+        _log_grid(tracker, heldout.images[idx], captions[:16], grid_dir / "real.png", "real", at)
     for sampler, guidance in cfg.eval.panel():
         entry = entry_name(sampler, guidance)
         t0 = time.perf_counter()
@@ -224,7 +225,7 @@ def evaluate_trained(trained: Any, cfg: RunConfig, *, n: int | None = None, devi
         metrics[panel_metric("sample_img_per_s", entry)] = len(images) / max(sample_s, 1e-9)
         if tracker is not None and grid_dir is not None:
             suffix = f"_step{step:06d}" if step is not None else ""
-            _log_grid(tracker, images[:16], captions[:16], grid_dir / f"eval_{entry}{suffix}.png")
+            _log_grid(tracker, images[:16], captions[:16], grid_dir / f"eval_{entry}{suffix}.png", f"eval_{entry}", at)
     return metrics
 
 
@@ -244,12 +245,14 @@ def evaluate_run(run_dir: str | Path, *, cfg: RunConfig | None = None, n: int | 
     return evaluate_trained(trained, cfg, n=n, device=dev, tracker=tracker, grid_dir=Path(run_dir))
 
 
-def _log_grid(tracker: Any, images: torch.Tensor, captions: list[str], path: Path) -> None:
+def _log_grid(tracker: Any, images: torch.Tensor, captions: list[str], path: Path, key: str, step: int) -> None:
     from diffablate.models.probes import grid_image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid_image(images).save(path)
-    tracker.log_artifact(path, "samples")
+    grid = grid_image(images)
+    grid.save(path)
+    tracker.log_artifact(path, "samples")  # what reports/ reads
+    tracker.log_image(grid, key, step=step)  # what the MLflow UI shows as a series, one image per scored step
     tracker.log_dict(captions, f"samples/{path.stem}_prompts.json")
 
 

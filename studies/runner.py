@@ -124,9 +124,10 @@ def _sqlite_wal(url: str) -> None:
             con.close()
 
 
-def make_storage(url: str, spec: StudySpec | None, *, on_stale: Callable[[optuna.Study, Any], None] | None = None
-                 ) -> optuna.storages.BaseStorage:
-    """Optuna storage for `url`: RDB (sqlite/postgresql/...) with heartbeats, or `journal:<path>`."""
+def make_storage(url: str, spec: StudySpec | None, *, on_stale: Callable[[optuna.Study, Any], None] | None = None,
+                 readonly: bool = False) -> optuna.storages.BaseStorage:
+    """Optuna storage for `url`: RDB (sqlite/postgresql/...) with heartbeats, or `journal:<path>`.
+    readonly=True (a progress display's polls): no BEGIN IMMEDIATE on SQLite, so reads never take the write lock."""
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
@@ -148,7 +149,7 @@ def make_storage(url: str, spec: StudySpec | None, *, on_stale: Callable[[optuna
         )
     except Exception as e:  # sqlalchemy errors: bad driver, unreachable server, ...
         raise StudyError(f"--storage: cannot open {url!r}: {e}") from None
-    if url.startswith("sqlite"):
+    if url.startswith("sqlite") and not readonly:
         _sqlite_begin_immediate(storage.engine)
     return storage
 
@@ -237,6 +238,8 @@ def prepare_study(spec: StudySpec, workdir: Path | None = None, storage: str | N
             explicit = requested
         else:  # another process created it between our listing and create_study
             explicit = _same_tracking(spec.name, study.user_attrs.get(TRACKING_ATTR), requested, workdir, info)
+    if study.metric_names is None:  # optuna-dashboard then names the value, not "Objective 0" (older studies too)
+        study.set_metric_names([spec.objective_metric(spec.base)])
     # Record where this study lives; the storage URL and the MLflow store only when they are not the work dir's
     # own defaults, so the directory stays relocatable.
     spec_path = spec_file(workdir, spec.name)
@@ -278,9 +281,12 @@ def _plan_trials(study: optuna.Study, spec: StudySpec) -> None:
     study.add_trials(spec.design.plan(spec))
 
 
-def load_handle(workdir: Path, name: str | None = None, tracking_uri: str | None = None) -> StudyHandle:
+def load_handle(workdir: Path, name: str | None = None, tracking_uri: str | None = None, *,
+                with_mlflow: bool = True) -> StudyHandle:
     """Open an existing study of a work directory (for status, resume, ui). `tracking_uri` None: the MLflow
-    store recorded for it in study.json (its `--tracking-uri`, else the work dir's own)."""
+    store recorded for it in study.json (its `--tracking-uri`, else the work dir's own). with_mlflow=False
+    (`study status`: Optuna alone) leaves the experiment and parent run ids empty and never touches MLflow,
+    which costs seconds to import and open."""
     info = read_study_file(workdir)
     name = name or info.get("default")
     if name not in info["studies"]:
@@ -291,7 +297,7 @@ def load_handle(workdir: Path, name: str | None = None, tracking_uri: str | None
         spec = rename_spec(spec, name)
     url = storage_url(workdir, info["studies"][name]["storage"])
     uri = resolve_tracking_uri(tracking_uri) or _tracking_of(workdir, info, name)
-    exp_id, parent = ensure_parent_run(spec, workdir, create=False, uri=uri)
+    exp_id, parent = ensure_parent_run(spec, workdir, create=False, uri=uri) if with_mlflow else ("", "")
     return StudyHandle(spec, workdir, url, name, parent, exp_id, uri)
 
 
@@ -395,6 +401,7 @@ class WorkerArgs:
     poll_s: float = 2.0
     tracking_uri: str | None = None  # MLflow store (None: as recorded for the study in the work dir)
     pack: str = "auto"  # trials trained together per worker: "auto" | "off" | an integer (see `pack_size`)
+    log_file: str | None = None  # a spawned worker's stdout and stderr, while a live display owns the terminal
 
 
 # `--pack auto` on a GPU: at most this many compatible trials in one pack. The claims UNet at batch 256 uses a
@@ -431,17 +438,56 @@ def check_pack(pack: str) -> str:
 
 def run_study(spec: StudySpec, *, workdir: Path | None = None, storage: str | None = None, new_name: str | None = None,
               workers: int | None = None, workers_per_gpu: int = 1, trial_fn: str | None = None,
-              tracking_uri: str | None = None, log: Callable[[str], None] = print, pack: str = "auto") -> StudyHandle:
+              tracking_uri: str | None = None, log: Callable[[str], None] = print, pack: str = "auto",
+              display: Any = None) -> StudyHandle:
     """Prepare (or resume) the study and run its trials with `workers` local processes; returns when none is left.
-    `tracking_uri`: the MLflow store of the parent and every child run (None: as recorded, else the work dir's)."""
+    `tracking_uri`: the MLflow store of the parent and every child run (None: as recorded, else the work dir's).
+    `display`: a studies.progress display fed from the Optuna storage while the trials run (None: silent)."""
     quiet_optuna()
     handle = prepare_study(spec, workdir, storage, new_name, tracking_uri)
     plan = placement(workers, workers_per_gpu)
     log(f"study {handle.study_name}: {handle.spec.n_planned} planned trials, {len(plan)} worker(s); "
         f"work dir {handle.workdir}; storage {redact(handle.storage)}; MLflow {redact(handle.tracking_uri)}")
+    from diffablate.studies import progress
+
+    # A live display owns the terminal: spawned workers write to log files instead (one in-process worker's
+    # prints go through the display's redirect).
+    logs = ([progress.worker_log(handle.workdir, i) for i in range(len(plan))]
+            if progress.keeps_terminal(display) and len(plan) > 1 else [])
     args = [WorkerArgs(handle.spec.source, "spec", handle.study_name, str(handle.workdir), storage, i, trial_fn,
-                       tuple(env.items()), threads, tracking_uri=handle.tracking_uri, pack=check_pack(pack))
+                       tuple(env.items()), threads, tracking_uri=handle.tracking_uri, pack=check_pack(pack),
+                       log_file=str(logs[i]) if logs else None)
             for i, (env, threads) in enumerate(plan)]
+    with _watching(handle, display, len(plan), progress.describe_logs(logs)):
+        _run_workers(args, log)
+    finish_parent_if_done(handle)
+    from diffablate.studies import links
+
+    served = links.served_ui(handle.tracking_uri)
+    if served:  # an MLflow server: the dashboard's notes can link it now (a local store waits for `diffablate ui`)
+        from diffablate.studies.ui import link_notes
+
+        link_notes(handle.workdir, served, log)
+    return handle
+
+
+@contextlib.contextmanager
+def _watching(handle: StudyHandle, display: Any, slots: int, logs: str | None) -> Any:
+    """`progress.Watch` over the study while the block runs (nothing without a display)."""
+    if display is None:
+        yield
+        return
+    from diffablate.studies import progress
+
+    spec = handle.spec
+    study = optuna.load_study(study_name=handle.study_name, storage=make_storage(handle.storage, None, readonly=True))
+    ctx = progress.Context(study=handle.study_name, objective=spec.objective_metric(spec.base), planned=spec.n_planned,
+                           slots=slots, logs=logs, prune_metric=spec.prune_metric)
+    with progress.Watch(study, spec, display, ctx):
+        yield
+
+
+def _run_workers(args: list[WorkerArgs], log: Callable[[str], None]) -> None:
     if len(args) == 1:
         worker_main(args[0])
     else:
@@ -462,8 +508,6 @@ def run_study(spec: StudySpec, *, workdir: Path | None = None, storage: str | No
         if bad:
             log(f"warning: {len(bad)} worker(s) exited abnormally (codes {bad}); their trials are retried by the others "
                 f"after the heartbeat grace period, or on the next `study run`")
-    finish_parent_if_done(handle)
-    return handle
 
 
 def quiet_optuna() -> None:
@@ -519,6 +563,11 @@ def worker_main(args: WorkerArgs) -> None:
         from diffablate.studies.interrupts import install_for_worker
 
         install_for_worker()
+    if args.log_file:  # the file descriptors themselves, so C-level output (torch, warnings) goes there too
+        Path(args.log_file).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.log_file, "ab", buffering=0) as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
     os.environ.update(dict(args.env))  # before torch is imported: CUDA_VISIBLE_DEVICES / thread counts
     quiet_optuna()
     if args.threads:
@@ -661,6 +710,33 @@ def trial_counts(handle: StudyHandle) -> dict[str, int]:
     out["fail"] -= len(retried)
     out["planned"] = handle.spec.n_planned
     return out
+
+
+def list_studies(root: Path = DEFAULT_ROOT) -> list[dict[str, Any]]:
+    """One row per study recorded under `root` (study name, work dir, trial counts by state, planned, stores),
+    read from study.json and the Optuna storage only: no spec is parsed and MLflow is not opened, so it is
+    quick. A storage that cannot be read gives a row with `error` set instead of counts."""
+    from diffablate.studies.workdir import study_dirs
+
+    rows = []
+    for wd in study_dirs(root):
+        info = read_study_file(wd)
+        for name, rec in info["studies"].items():
+            url = storage_url(wd, rec["storage"])
+            row: dict[str, Any] = {"study": name, "workdir": wd, "storage": redact(url),
+                                   "mlflow": redact(rec.get("tracking_uri") or default_tracking_uri(wd)), "error": ""}
+            try:
+                study = optuna.load_study(study_name=name, storage=make_storage(url, None, readonly=True))
+                states = [t.state for t in study.get_trials(deepcopy=False)]
+                retried = {h for t in study.get_trials(deepcopy=False) for h in t.system_attrs.get(_RETRY_MARK, [])}
+                row.update(planned=study.user_attrs.get("n_planned"),
+                           complete=states.count(TrialState.COMPLETE), running=states.count(TrialState.RUNNING),
+                           waiting=states.count(TrialState.WAITING), pruned=states.count(TrialState.PRUNED),
+                           fail=states.count(TrialState.FAIL) - len(retried))
+            except Exception as e:  # noqa: BLE001 - one unreadable study must not hide the others
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            rows.append(row)
+    return rows
 
 
 def status_rows(handle: StudyHandle) -> tuple[dict[str, int], list[dict[str, Any]]]:

@@ -170,6 +170,20 @@ class StudySpec:
         """The logged metric the Optuna objective reads for a trial of `cfg` (a panel score: the primary entry)."""
         return objective_metric(self.objective, cfg)
 
+    def arm_name(self, cell: Cell) -> str:
+        """A short readable name of a cell for run names and progress lines: only what sets it apart from the
+        design's baseline (one-at-a-time: `conditioning=none`; the baseline itself: `baseline`), axis fields
+        without their `axes.` prefix (`timestep_sampler=sequential`). `cell.label` stays the full, stable key."""
+        def shared(k: str, v: Any) -> bool:  # the baseline's value, or one every cell has (a learning curve's steps)
+            return (k in self.baseline and same_value(self.baseline[k], v)) or all(
+                k in c.overrides and same_value(c.overrides[k], v) for c in self.cells)
+
+        diff = {k: v for k, v in cell.overrides.items() if k != "replicate" and not shared(k, v)}
+        parts = [f"{k.removeprefix('axes.')}={cell_label({k: v}).partition('=')[2]}" for k, v in sorted(diff.items())]
+        name = " ".join(parts) or ("baseline" if self.baseline else "base")
+        replicate = cell.overrides.get("replicate", 0)
+        return f"{name} replicate {replicate}" if replicate else name
+
     def claims_json(self) -> list[dict[str, Any]]:
         return [c.to_json() for c in self.claims]
 

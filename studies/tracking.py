@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -42,6 +43,12 @@ from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlparse
 
 from diffablate.studies.workdir import ARTIFACTS_DIR, default_tracking_uri
+
+# MLflow prints INFO lines to stderr ("Creating initial MLflow database tables...") that tell a user nothing and
+# tear a live progress display; MLFLOW_LOGGING_LEVEL is read when mlflow is first imported. A user's setting wins.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+if os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING" and "mlflow" in sys.modules:  # imported before this module
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 MARKER = ".diffablate-store.json"
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limit for params
@@ -380,6 +387,27 @@ def run_lifecycle(tracking_uri: str, run_id: str, *, reopen: bool = False,
     close_run(tracking_uri, run_id, COMPLETE)
 
 
+@contextlib.contextmanager
+def system_metrics(run_id: str, tracking_uri: str, interval_s: float = 15.0) -> Iterator[bool]:
+    """MLflow's system metrics for the block (`system/cpu_utilization_percentage`, memory, disk, network, and GPU
+    utilisation and memory where pynvml finds a GPU), logged to the run every `interval_s` seconds by a thread.
+    Yields whether they are on: psutil is optional (`pip install 'diffablate[system]'`), and without it there
+    is nothing to sample - quietly, as a run does not need them."""
+    try:
+        import psutil  # noqa: F401 - MLflow's CPU monitor imports it; probe first so a missing one is quiet
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError:
+        yield False
+        return
+    # resume_logging: a retried trial's run continues its own series instead of writing step 0 again.
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=tracking_uri)
+    monitor.start()
+    try:
+        yield True
+    finally:
+        monitor.finish()
+
+
 # --- the Tracker ---------------------------------------------------------------------------------------------
 
 
@@ -452,6 +480,10 @@ class MlflowTracker:
         from mlflow.entities import RunTag
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_image(self, image: Any, key: str, step: int | None = None) -> None:
+        """MLflow's keyed image series (the run's image slider, one entry per step)."""
+        self.client.log_image(self.run_id, image, key=key, step=step if step is not None else 0)
 
 
 def _param_str(v: Any) -> str:

@@ -104,7 +104,7 @@ class _MilestoneScorer:
         device = next(trained.denoiser.parameters()).device
         t0 = time.perf_counter()
         scores = evaluate_trained(trained, run.cfg, device=device, tracker=run.tracker, step=step, grid_dir=run.run_dir)
-        run.tracker.log_metrics(scores, step=step)
+        log_scores(run.tracker, scores, step)
         self.latest = dict(scores)
         oracle = {k.split("/")[1]: round(v, 3) for k, v in scores.items() if k.startswith("oracle_acc/")}
         print(f"trial {run.trial_number} ({run.cell.label}, seed {run.seed}): step {step} scored in "
@@ -122,6 +122,17 @@ class _MilestoneScorer:
         # A retry resumed past its last milestone already logged those scores; score the final checkpoint again.
         metrics.update(self.latest or evaluate_run(run.run_dir, cfg=run.cfg, tracker=run.tracker))
         return metrics
+
+
+def log_scores(tracker: Any, scores: Mapping[str, float], step: int | None) -> None:
+    """Scores as metrics (charted, compared across runs); their details - interval bounds, sample counts,
+    spread (metrics/names.py `is_detail`) - as `diffablate.score.<name>` tags, beside them but not charted."""
+    from diffablate.metrics.names import DETAIL_TAG, is_detail
+
+    tracker.log_metrics({k: v for k, v in scores.items() if not is_detail(k)}, step=step)
+    details = {f"{DETAIL_TAG}{k}": repr(float(v)) for k, v in scores.items() if is_detail(k)}
+    if details:
+        tracker.set_tags(details)
 
 
 def _diverged_error() -> type[BaseException]:
@@ -208,6 +219,11 @@ def _unrecorded_run(ctx: TrialContext, planned: int) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def run_name(arm: str, seed: int, number: int) -> str:
+    """A trial's MLflow run name: its arm, seed and trial number (`conditioning=none s1 · t004`)."""
+    return f"{arm} s{seed} · t{number:03d}"
+
+
 def _tracker(run_id: str, uri: str) -> Any:
     from diffablate.studies.tracking import MlflowTracker
 
@@ -245,13 +261,15 @@ def trial_flow(ctx: TrialContext, study: optuna.Study, trial: optuna.Trial) -> T
         attempt = len(system_attrs.get("retry_history", []))
         cell, seed, params = suggest(spec, trial)
         cfg = spec.cell_config(cell, seed, params)
+        arm = spec.arm_name(cell)
         tags = {"diffablate.role": "trial", "diffablate.study": spec.name, "diffablate.trial_number": str(trial.number),
-                "diffablate.cell": cell.label, "diffablate.seed": str(seed), "diffablate.planned": str(planned),
-                "diffablate.status": "RUNNING", "diffablate.fail_reason": ""}
+                "diffablate.cell": cell.label, "diffablate.arm": arm, "diffablate.seed": str(seed),
+                "diffablate.planned": str(planned), "diffablate.status": "RUNNING", "diffablate.fail_reason": ""}
         run_id = trial.user_attrs.get("mlflow_run_id") or _unrecorded_run(ctx, planned)
         retry = run_id is not None  # a retry after a lost worker: continue the same child run (and checkpoints)
         if not retry:
-            run_id = tracking.start_run(ctx.tracking_uri, spec.name, f"t{trial.number:03d} {cell.label} s{seed}",
+            # What tells runs apart comes first: MLflow's runs table cuts long names at its column width.
+            run_id = tracking.start_run(ctx.tracking_uri, spec.name, run_name(arm, seed, trial.number),
                                         ctx.parent_run_id, tags, workdir=ctx.workdir)
         # From here on the run's end - status and tags, whatever happens - belongs to the lifecycle.
         with tracking.run_lifecycle(ctx.tracking_uri, run_id, reopen=retry, ending_for=_ending):
@@ -276,10 +294,11 @@ def trial_flow(ctx: TrialContext, study: optuna.Study, trial: optuna.Trial) -> T
             run = TrialRun(spec, cfg, cell, seed, ctx.run_dir(planned), tracker, on_eval, trial.number, attempt,
                            spec.design.milestones(spec))
             run.run_dir.mkdir(parents=True, exist_ok=True)
-            metrics = dict((yield run))
+            with tracking.system_metrics(run_id, ctx.tracking_uri):  # CPU/GPU use while it trains and scores
+                metrics = dict((yield run))
             finals = {k: float(v) for k, v in metrics.items() if v is not None}
             if finals:
-                tracker.log_metrics(finals, step=None)
+                log_scores(tracker, finals, None)
             objective = spec.objective_metric(cfg)
             if objective not in finals:
                 raise RuntimeError(f"the trial produced no {objective!r} (design.objective); got {sorted(finals)}")

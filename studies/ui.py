@@ -86,9 +86,15 @@ def ui_commands(workdir: Path, host: str, mlflow_port: int, optuna_port: int) ->
     return mlflow, dash
 
 
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def start_ui(workdir: Path, host: str = "127.0.0.1", mlflow_port: int | None = None, optuna_port: int | None = None,
-             *, timeout_s: float = 600, log_dir: Path | None = None) -> UiServers:
+             *, timeout_s: float = 600, log_dir: Path | None = None, echo: Callable[[str], None] = _say) -> UiServers:
     """Start both servers and wait until both answer HTTP; raise StudyError (after stopping them) if not.
+    While they start, the studies' optuna-dashboard notes are linked to the MLflow UI (studies/links.py).
+    `echo` hears what it is doing (the wait is long enough to look like a hang).
 
     The generous default timeout is for loaded machines: `mlflow server` imports FastAPI, SQLAlchemy and
     its job runner before it answers (10 s idle, minutes on a 2-core box running other jobs)."""
@@ -99,18 +105,44 @@ def start_ui(workdir: Path, host: str = "127.0.0.1", mlflow_port: int | None = N
     log_dir.mkdir(parents=True, exist_ok=True)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     servers = UiServers(f"http://{shown}:{mlflow_port}", f"http://{shown}:{optuna_port}")
+    echo(f"starting the MLflow UI ({servers.mlflow_url}) and optuna-dashboard ({servers.optuna_url}); "
+         f"their logs: {log_dir}/")
     for name, cmd in (("mlflow-ui", mlflow_cmd), ("optuna-dashboard", dash_cmd)):
         log = open(log_dir / f"{name}.log", "ab")
         servers.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                               start_new_session=True))
     try:
+        link_notes(workdir, servers.mlflow_url, echo)  # while the servers import their frameworks
+        t0 = time.monotonic()
         for url, proc, name in ((servers.mlflow_url, servers.procs[0], "mlflow-ui"),
                                 (servers.optuna_url, servers.procs[1], "optuna-dashboard")):
+            echo(f"waiting for {name} to answer at {url} ...")
             _wait_http(url, proc, timeout_s, log_dir / f"{name}.log")
+            echo(f"{name} is up ({time.monotonic() - t0:.0f} s)")
     except BaseException:
         servers.stop()
         raise
     return servers
+
+
+def link_notes(workdir: Path, mlflow_url: str, echo: Callable[[str], None] = _say) -> None:
+    """Write each study's optuna-dashboard notes with links to `mlflow_url` (studies/links.py). A study whose
+    notes cannot be written (no optuna-dashboard, a store that is not there yet) is skipped with a line."""
+    import optuna
+
+    from diffablate.studies import links, progress, runner
+
+    info = read_study_file(workdir)
+    for name in info["studies"]:
+        try:
+            handle = runner.load_handle(workdir, name)
+            study = optuna.load_study(study_name=name, storage=runner.make_storage(handle.storage, None))
+            report = progress.report_command(name, workdir, runner.default_workdir(name))
+            n = links.write_notes(study, handle.spec, handle.experiment_id, handle.parent_run_id, mlflow_url, report)
+        except Exception as e:  # noqa: BLE001 - notes are a convenience; the UIs serve without them
+            echo(f"study {name}: optuna-dashboard notes not linked ({type(e).__name__}: {e})")
+            continue
+        echo(f"study {name}: optuna-dashboard notes link the MLflow runs ({n} updated)")
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:

@@ -101,6 +101,27 @@ def resolve_workdir(name_or_dir: str | Path) -> Path:
     raise WorkdirError(f"{name_or_dir}: no study here (no {p / STUDY_FILE} and no {named / STUDY_FILE})")
 
 
+def study_dirs(root: str | Path = DEFAULT_ROOT) -> list[Path]:
+    """The work directories directly under `root` (those holding a study.json), by name."""
+    root = Path(root)
+    return sorted(p for p in root.iterdir() if (p / STUDY_FILE).is_file()) if root.is_dir() else []
+
+
+def default_study_dir(here: str | Path = ".", root: str | Path = DEFAULT_ROOT) -> Path:
+    """The work dir a command means when it names none: `here` if it is one, else the only one under `root`;
+    a WorkdirError listing the candidates otherwise."""
+    if (Path(here) / STUDY_FILE).is_file():
+        return Path(here)
+    found = study_dirs(root)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise WorkdirError(f"no study here: no {Path(here) / STUDY_FILE} and no work dir under {root}/; "
+                           f"name one (a study name or a work dir), or run `diffablate study run SPEC` first")
+    raise WorkdirError(f"several studies under {root}/ ({', '.join(p.name for p in found)}): name one; "
+                       f"`diffablate study list` shows them")
+
+
 # --- study.json -----------------------------------------------------------------------------------------
 
 

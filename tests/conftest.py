@@ -16,6 +16,12 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+# The suite runs many small torch processes side by side (study workers, CLI subprocesses) on CI's 2 cores:
+# one intra-op thread each keeps them from oversubscribing the cores (measured here: a tiny training run took
+# 107 s with two threads per process under that load, 6 s with one). Set before any test imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 # A RunConfig small enough to train in ~1 s on one CPU core: 16 px shapes, a 2-level UNet, 4 steps of batch 4,
 # nothing scored that needs FID weights or a judge CLIP.
 TINY_BASE: dict[str, Any] = {

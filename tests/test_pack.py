@@ -14,7 +14,7 @@ from diffablate.models.checkpoint import list_checkpoints
 from diffablate.models.config import ConfigError, RunConfig
 from diffablate.models.tracker import MemoryTracker
 
-CURVES = ("train_loss", "train_objective", "grad_norm", "heldout_loss", "heldout_loss_b03")
+CURVES = ("train_loss", "train_objective", "grad_norm", "heldout_loss")  # + every heldout_loss_t/<range>
 
 
 def tiny(**overrides: Any) -> RunConfig:
@@ -44,7 +44,8 @@ class Kill(BaseException):
 
 
 def curves(t: MemoryTracker) -> dict[str, list[tuple[int | None, float]]]:
-    return {k: t.series(k) for k in CURVES}
+    buckets = sorted(k for k in t.metrics if k.startswith("heldout_loss_t/"))  # per-bucket copies, named by t range
+    return {k: t.series(k) for k in (*CURVES, *buckets)}
 
 
 def member(name: str, run_dir: Path, tracker: MemoryTracker, calls: list[int] | None = None,

@@ -90,7 +90,7 @@ def _write_trial(client: MlflowClient, eid: str, parent: str, number: int, sampl
         finals = {"fid": fid, "fid_ci_low": fid - 2, "fid_ci_high": fid + 2, "fid_n_gen": 64, "fid_n_ref": 256,
                   "kid": fid / 1000, "kid_std": 0.001, "clip_score": clip, "clip_score_n": 64, "oracle_acc": oracle,
                   "oracle_n": 64, "final_train_loss": 0.05, "final_heldout_loss": 0.06 + late / 10,
-                  "heldout_loss_b00": 0.5}
+                  "heldout_loss_b00": 0.5, "heldout_loss_t/000-049": 0.5}  # old and new per-bucket names
         metrics += [Metric(k, float(v), 0, 20) for k, v in finals.items()]
     client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()], tags=[])
     rows = {"step": [], "bucket": [], "t_lo": [], "t_hi": [], "t_mid": [], "loss": []}
@@ -176,7 +176,7 @@ def test_load_gives_one_row_per_trial_with_axes_and_metrics(loaded) -> None:
     # Plain sampling scores of an old store become the one entry named by eval.sampler / eval.guidance_scale.
     assert {"fid/ddim-g3", "fid_n_gen/ddim-g3", "fid_n_ref/ddim-g3", "clip_score/ddim-g3", "oracle_acc/ddim-g3",
             "final_heldout_loss", "fail_reason"} <= set(t.columns)
-    assert "fid" not in t.columns and "heldout_loss_b00" not in t.columns  # UI copies are not final metrics
+    assert "fid" not in t.columns and not any(c.startswith("heldout_loss_") for c in t.columns)  # UI copies: not final
     assert data.panel.entries == ("ddim-g3",) and data.panel.primary == "ddim-g3"
     assert "before sampling panels" in data.panel.source
     assert t["status"].value_counts().to_dict() == {"COMPLETE": 14, "PRUNED": 2, "FAIL": 1}
@@ -269,6 +269,15 @@ def test_report_is_logged_to_parent_run(store: tuple[Path, str], loaded, report)
     parent = loaded.parent_run_id
     logged = {f.path for f in client.list_artifacts(parent, "report")}
     assert {"report/report.md", "report/report.html", "report/trials.csv", "report/claims.csv"} <= logged
+    # Verdicts as tags and effects as metrics on the parent: what MLflow filters and sorts studies by.
+    run = client.get_run(parent)
+    for _, r in report.claims.iterrows():
+        assert run.data.tags[f"diffablate.verdict.{r['claim']}"] == r["verdict"]
+        if not pd.isna(r["effect"]):
+            assert run.data.metrics[f"effect.{r['claim']}"] == pytest.approx(r["effect"])
+        if not pd.isna(r["ci_low"]):
+            assert run.data.metrics[f"effect_ci_low.{r['claim']}"] == pytest.approx(r["ci_low"])
+    assert any(k.startswith("effect.") for k in run.data.metrics)
 
 
 def test_unknown_study_errors_name_study_and_uri(store: tuple[Path, str], tmp_path: Path) -> None:

@@ -99,7 +99,7 @@ def test_search_spec_parses_space_sampler_and_pruner():
 
 
 @pytest.mark.parametrize("path,value,field", [
-    ("design.axes.timestep_sampler", ["uniform", "unifrom"], "design.axes.timestep_sampler[1]: unknown timestep sampler 'unifrom'; choose one of"),
+    ("design.axes.timestep_sampler", ["uniform", "unifrom"], "design.axes.timestep_sampler[1]: unknown timestep sampler 'unifrom' (did you mean 'uniform'?); choose one of"),
     ("design.axes.conditioning", ["cross-atention"], "design.axes.conditioning[0]: unknown conditioning"),
     ("design.axes.time_embedding", "on", "design.axes.time_embedding: must be a non-empty list"),
     ("design.axes.timestep_sampler", [], "design.axes.timestep_sampler: must be a non-empty list"),

@@ -62,7 +62,7 @@ def test_train_logs_params_metrics_and_artifacts(trained: dict[str, Any]) -> Non
     assert params["perf_resolved.mixed_precision"] == "no" and params["perf_resolved.compile"] == "False"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert steps == [10, 20, 30]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "heldout_loss_b03")] == [15, 30]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "heldout_loss_t/750-999")] == [15, 30]
     for name in ("heldout_loss", "lr", "img_per_s", "final_train_loss", "final_heldout_loss", "train_wall_s",
                  "img_per_s_mean"):
         assert name in run.data.metrics, name

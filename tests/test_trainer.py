@@ -40,11 +40,12 @@ def tiny(**overrides: Any) -> RunConfig:
 
 # Loss-aware sampling with a short history exercises the sampler-state restore; T = 20 lets it warm up.
 RESUME_CFG = {"axes.timestep_sampler": "loss-aware", "axes.loss_aware_history": 1, "diffusion.num_train_timesteps": 20}
-CURVES = ("train_loss", "train_objective", "grad_norm", "heldout_loss", "heldout_loss_b03")
+CURVES = ("train_loss", "train_objective", "grad_norm", "heldout_loss")  # + every heldout_loss_t/<range>
 
 
 def curves(t: MemoryTracker) -> dict[str, list[tuple[int | None, float]]]:
-    return {k: t.series(k) for k in CURVES}
+    buckets = sorted(k for k in t.metrics if k.startswith("heldout_loss_t/"))  # per-bucket copies, named by t range
+    return {k: t.series(k) for k in (*CURVES, *buckets)}
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +74,15 @@ def test_run_writes_the_contract_artifacts(straight: tuple[Path, MemoryTracker, 
     assert set(tiny().flat()) <= set(t.params)
     assert t.params["perf_resolved.compile"] == "False" and t.params["perf_resolved.mixed_precision"] == "no"
     assert [s for s, _ in t.series("train_loss")] == [2, 4, 6, 8, 10, 12]
-    assert [s for s, _ in t.series("heldout_loss_b00")] == [4, 8, 12]
+    # Per-bucket copies named by their t range (T = 20, 4 buckets): heldout_loss_t/00-04 ... heldout_loss_t/15-19.
+    assert sorted(k for k in t.metrics if k.startswith("heldout_loss_t/")) == [
+        "heldout_loss_t/00-04", "heldout_loss_t/05-09", "heldout_loss_t/10-14", "heldout_loss_t/15-19"]
+    assert [s for s, _ in t.series("heldout_loss_t/00-04")] == [4, 8, 12]
     for name in ("final_train_loss", "final_heldout_loss", "train_wall_s", "img_per_s_mean", "lr", "img_per_s"):
         assert t.series(name), name
     assert t.series("final_heldout_loss")[0][1] == result.heldout_loss == t.series("heldout_loss")[-1][1]
     # The held-out mean is the mean of its buckets.
-    buckets = [t.series(f"heldout_loss_b{b:02d}")[-1][1] for b in range(4)]
+    buckets = [t.series(f"heldout_loss_t/{lo:02d}-{lo + 4:02d}")[-1][1] for lo in (0, 5, 10, 15)]
     assert result.heldout_loss == pytest.approx(sum(buckets) / 4)
 
 
@@ -117,7 +121,8 @@ def test_resume_after_crash_continues_exactly(
     again = MemoryTracker()
     tr.train(cfg, tmp_path, tracker=again, progress=False)
     a = curves(ref)
-    for k in CURVES:
+    assert any(k.startswith("heldout_loss_t/") for k in a)
+    for k in a:
         assert again.series(k) == [(s, v) for s, v in a[k] if s > 6], k
 
 
@@ -343,7 +348,7 @@ def test_milestones_call_back_then_checkpoint_and_resume_past_them(tmp_path: Pat
     tr.train(cfg, tmp_path / "b", tracker=resumed, progress=False, milestones=(3, 6),
              on_milestone=milestone_recorder(again, tmp_path / "b"))
     assert killed == calls and again == calls[1:]
-    for k in CURVES:
+    for k in curves(straight):
         assert resumed.series(k) == [(s, v) for s, v in straight.series(k) if s > 3], k
 
 
