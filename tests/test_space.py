@@ -48,7 +48,8 @@ def latent_cfg(cache: Path, monkeypatch: pytest.MonkeyPatch) -> RunConfig:
 
 def test_registry_has_both_spaces_and_fails_loudly():
     assert list(space.SPACES) == ["pixel", "latent"]
-    with pytest.raises(KeyError, match=r"unknown space 'latents'; choose one of \['pixel', 'latent'\]"):
+    with pytest.raises(KeyError, match=r"unknown space 'latents' \(did you mean 'latent'\?\); choose one of "
+                                       r"\['pixel', 'latent'\]"):
         space.SPACES.get("latents")
 
 
