@@ -12,8 +12,9 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from diffablate.models.config import ConfigError, DataConfig, RunConfig, VaeConfig
-from diffablate.models.data import DataError
-from diffablate.studies.tracking import TrackingError
+
+# models.data and studies.tracking import torch / mlflow: imported inside the commands, so that
+# `diffablate --version` and `--help` stay instant (tests/test_cli_ux.py).
 
 vae_app = typer.Typer(help="Train and evaluate the in-project VAE of the latent space (axes.space=latent).",
                       no_args_is_help=True)
@@ -103,6 +104,8 @@ def train(
 ) -> None:
     """Train the VAE for a dataset and resolution, record its held-out PSNR / SSIM / rFID, print them."""
     from diffablate.models import vae
+    from diffablate.models.data import DataError
+    from diffablate.studies.tracking import TrackingError
 
     try:
         cfg = _configs(config, dataset, resolution, list(set_ or []) + ([f"vae.steps={steps}"] if steps else []))
@@ -145,6 +148,7 @@ def evaluate(
 ) -> None:
     """Held-out reconstruction quality (PSNR, SSIM, rFID) of a VAE; prints JSON."""
     from diffablate.models import vae
+    from diffablate.models.data import DataError
 
     try:
         cfg = _configs(config, dataset, resolution, list(set_ or []))

@@ -471,7 +471,12 @@ def _field_type(full_key: str) -> Any:
 def eval_step_metrics(cfg: Any) -> list[str]:
     """What the trainer reports at each held-out evaluation (models/trainer.py `_evaluate`): the metrics a
     search design may prune on. tests/test_preflight.py checks this list against a real training run."""
-    return ["heldout_loss", "train_loss"] + [f"heldout_loss_b{b:02d}" for b in range(cfg.eval.timestep_buckets)]
+    from diffablate.models.diffusion import bucket_edges
+    from diffablate.models.probes import bucket_metric
+
+    T = cfg.diffusion.num_train_timesteps
+    lo, hi, _mid = bucket_edges(T, cfg.eval.timestep_buckets)
+    return ["heldout_loss", "train_loss"] + [bucket_metric(a, b, T) for a, b in zip(lo.tolist(), hi.tolist())]
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -297,7 +297,15 @@ def load_handle(workdir: Path, name: str | None = None, tracking_uri: str | None
         spec = rename_spec(spec, name)
     url = storage_url(workdir, info["studies"][name]["storage"])
     uri = resolve_tracking_uri(tracking_uri) or _tracking_of(workdir, info, name)
-    exp_id, parent = ensure_parent_run(spec, workdir, create=False, uri=uri) if with_mlflow else ("", "")
+    if with_mlflow:
+        exp_id, parent = ensure_parent_run(spec, workdir, create=False, uri=uri)
+    else:
+        from diffablate.studies import tracking
+
+        exp_id, parent = "", ""
+        db = tracking.sqlite_path(uri)
+        if db is not None and db.is_file():  # plain sqlite3, no MLflow import: whichever command opens a copied
+            tracking.relocate_store(db)      # work dir first re-points its artifact paths
     return StudyHandle(spec, workdir, url, name, parent, exp_id, uri)
 
 

@@ -36,7 +36,6 @@ BASE = {
     # Loss-aware sampling with a short history exercises the sampler-state restore; T = 20 lets it warm up.
     "axes.timestep_sampler": "loss-aware", "axes.loss_aware_history": 1, "diffusion.num_train_timesteps": 20,
 }
-CURVES = ("train_loss", "train_objective", "grad_norm", "heldout_loss", "heldout_loss_b03")
 
 
 def cfg(space: str, **overrides: Any) -> RunConfig:

@@ -26,6 +26,8 @@ import pytest
 import tomli_w
 from optuna.trial import TrialState
 
+from diffablate.models.tracker import NullTracker
+
 FAKE = '''
 import os, signal, time
 from pathlib import Path
@@ -556,8 +558,8 @@ def test_diverging_trials_fail_with_reason_and_study_continues(tmp_path: Path, m
 # --- checkpoint resume through the study path ----------------------------------------------------------------
 
 
-class _Recorder:
-    """Tracker protocol, in memory."""
+class _Recorder(NullTracker):
+    """Tracker protocol, in memory: metrics by step (everything else dropped, as NullTracker does)."""
 
     def __init__(self) -> None:
         self.metrics: dict[str, dict[int, float]] = {}
@@ -565,12 +567,6 @@ class _Recorder:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         for k, v in metrics.items():
             self.metrics.setdefault(k, {})[step] = v
-
-    def log_params(self, *a: Any) -> None: ...
-    def log_artifact(self, *a: Any, **k: Any) -> None: ...
-    def log_dict(self, *a: Any) -> None: ...
-    def log_table(self, *a: Any) -> None: ...
-    def set_tags(self, *a: Any) -> None: ...
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ def test_ui_serves_both_dashboards_and_stops_on_ctrl_c(tmp_path, study_dir):
         assert all(u.startswith("http://127.0.0.1:") for u in urls.values())  # loopback unless --host
 
         # MLflow: the runs page lists the parent run (children are folded under it); a child's own page
-        # shows its name ("t000 <cell> s<seed>"), its cell tag and its final metric.
+        # shows its name ("<arm> s<seed> · t<number>", studies/trial.run_name), its cell tag and its final metric.
         mlflow_url = f"{urls['MLflow']}/#/experiments/{study_dir.experiment_id}/runs"
         dom = _dump_dom(tmp_path, mlflow_url, "uistudy")
         assert "uistudy" in dom, dom[-2000:]
@@ -98,7 +98,7 @@ def test_ui_serves_both_dashboards_and_stops_on_ctrl_c(tmp_path, study_dir):
         assert (out / "mlflow_ui.png").stat().st_size > 5000
         child = optuna.load_study(study_name="uistudy", storage=study_dir.storage).trials[0].user_attrs["mlflow_run_id"]
         dom = _dump_dom(tmp_path, f"{mlflow_url}/{child}", "final_heldout_loss")
-        assert re.search(r"t00\d axes\.timestep_sampler=", dom) and "final_heldout_loss" in dom, dom[-2000:]
+        assert re.search(r"timestep_sampler=\S+ s\d · t00\d", dom) and "final_heldout_loss" in dom, dom[-2000:]
         _chromium(tmp_path, f"--screenshot={out / 'mlflow_ui_child_run.png'}", f"{mlflow_url}/{child}")
 
         # optuna-dashboard: the study's trial list shows its trial numbers.
