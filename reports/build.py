@@ -203,7 +203,8 @@ def _first_screen(study: StudyData, j: verdicts.Judgement, pick: learning.Budget
     bar = j.baseline_bar
     if bar.get("below"):
         ceiling = "" if math.isnan(bar["ceiling"]) else f" The same oracle scores {bar['ceiling']:.3g} on real images."
-        out.append(Callout("danger", "SAMPLES ARE NOISE: this study says nothing about images. The baseline's "
+        out.append(Callout("danger", "BASELINE BELOW THE QUALITY BAR: its samples do not depict their captions "
+                                     "(noise or blobs), so this study says nothing about images. The baseline's "
                                      f"{bar['label']} is " + ", ".join(
                                          f"{e['mean']:.3g} under {e['entry']}" for e in bar["below"])
                            + f", below the bar of {bar['bar']:g}.{ceiling}"))

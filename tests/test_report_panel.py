@@ -296,7 +296,7 @@ def test_failed_control_marks_every_verdict_untrusted(broken) -> None:
     md = (res.out_dir / "report.md").read_text()
     head = "\n".join(md.splitlines()[:12])
     assert "THE INSTRUMENT FAILED" in head and "untrusted" in head
-    assert "SAMPLES ARE NOISE" in head and "0.97" in head and "ddim-g3" in head  # ceiling beside the bar
+    assert "BASELINE BELOW THE QUALITY BAR" in head and "0.97" in head and "ddim-g3" in head  # ceiling beside the bar
     html = (res.out_dir / "report.html").read_text()
     assert 'class="callout danger"' in html and "supported · untrusted" in html
     tags = MlflowClient(tracking_uri=uri).get_run(load_study("broken", uri).parent_run_id).data.tags
