@@ -120,12 +120,13 @@ class Design(ABC):
     # --- Optuna ------------------------------------------------------------------------------------
 
     def grid_space(self, spec: "StudySpec") -> dict[str, list[Any]]:
-        """GridSampler's search space: cell index x seed (factorial overrides this).
+        """GridSampler's grid: cell index x seed (factorial overrides this).
 
-        The seed has to be a parameter here, not only a user attr: a grid id names one point of this space,
-        and without the seed the (cell, seed) trials of one cell would be the same point, so GridSampler
-        could neither plan them apart nor keep a retried copy on its own point. optuna-dashboard therefore
-        lists `seed` among the parameters (and in its importance plot); its note says it is no factor."""
+        The seed is in the grid, so every (cell, seed) pair is its own grid id, planned apart and kept by a
+        retried copy (Optuna's retry callback copies the system attrs, grid id included). It is never
+        *suggested*: `suggest` reads it from the trial's grid id, so it is not an Optuna parameter and
+        optuna-dashboard's importance and contour plots see only the design's factors (the trial sets it as
+        a user attr, studies/trial.py)."""
         return {"cell": list(range(len(spec.cells))), "seed": list(spec.seeds)}
 
     def make_sampler(self, spec: "StudySpec", worker: int = 0) -> optuna.samplers.BaseSampler:
@@ -145,15 +146,21 @@ class Design(ABC):
                 for grid_id in range(sampler.n_grids)]
 
     def suggest(self, spec: "StudySpec", trial: optuna.Trial) -> tuple[Cell, int, dict[str, Any]]:
-        """This trial's cell, seed and searched params, asked of Optuna (the design's whole search space)."""
-        values = {k: trial.suggest_categorical(k, v) for k, v in self.grid_space(spec).items()}
-        return self._cell(spec, values), int(values["seed"]), {}
+        """This trial's cell, seed and searched params: the factors asked of Optuna, the seed read from the
+        trial's grid id (see `grid_space`: it is no parameter)."""
+        values = {k: trial.suggest_categorical(k, v) for k, v in self.grid_space(spec).items() if k != "seed"}
+        grid_id = trial.storage.get_trial_system_attrs(trial._trial_id)["grid_id"]
+        return self._cell(spec, values), int(self._grid_point(spec, grid_id)["seed"]), {}
 
     def resolve(self, spec: "StudySpec", system_attrs: Mapping[str, Any], params: Mapping[str, Any]) -> tuple[Cell, int]:
         """(cell, seed) of a trial from its grid id, without suggesting anything (status of WAITING trials)."""
-        sampler = self.make_sampler(spec)
-        values = dict(zip(sampler._param_names, sampler._all_grids[system_attrs["grid_id"]]))
+        values = self._grid_point(spec, system_attrs["grid_id"])
         return self._cell(spec, values), int(values["seed"])
+
+    def _grid_point(self, spec: "StudySpec", grid_id: int) -> dict[str, Any]:
+        """The grid values (factors or cell, and seed) of one grid id, as GridSampler hands them out."""
+        sampler = self.make_sampler(spec)
+        return dict(zip(sampler._param_names, sampler._all_grids[grid_id]))
 
     def _cell(self, spec: "StudySpec", values: Mapping[str, Any]) -> Cell:
         return spec.cells[int(values["cell"])]

@@ -5,7 +5,7 @@ the study note links the MLflow parent run (where the report and the verdicts ar
 its child run. A link needs the MLflow UI's address, which only exists once something serves it: `diffablate
 ui` writes the notes when it starts both servers, and a study tracked on an `http(s)://` MLflow server links
 that server. The notes also say what the dashboard's numbers mean in an ablation: the "best trial" is only
-the trial with the best objective, not a verdict, and a grid design's `seed` parameter is no factor.
+the trial with the best objective, not a verdict, and the seed is a user attr, not a factor.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ def study_note(spec: StudySpec, experiment_id: str, parent_run_id: str, ui: str 
     """The study's note: what it is, what the dashboard's numbers mean here, and where the verdicts are."""
     parent = f"[`{parent_run_id}`]({run_url(ui, experiment_id, parent_run_id)})" if ui else f"`{parent_run_id}`"
     best = "lowest" if spec.direction == "minimize" else "highest"
-    grid = spec.kind != "search"
     lines = [
         f"## {spec.name}",
         "",
@@ -42,8 +41,8 @@ def study_note(spec: StudySpec, experiment_id: str, parent_run_id: str, ui: str 
         f"**Reading this dashboard in an ablation.** The *best trial* is only the one with the {best} objective "
         "value; it is not a winner. Claims are judged in the report, from seed-paired differences with "
         "confidence intervals: `" + report_cmd + "`."
-        + (" `seed` appears as a parameter only because the grid plans each (cell, seed) pair as its own "
-           "point; its importance and contour plots describe noise, not a factor." if grid else ""),
+        + " The seed is a user attr, not a parameter: the importance and contour plots show only what the "
+          "design varies.",
         "",
         f"**MLflow:** experiment `{spec.name}` (id {experiment_id}), parent run {parent}: the report, the "
         "verdicts (tags `diffablate.verdict.*`) and every trial's child run."

@@ -127,8 +127,11 @@ def test_factorial_runs_exactly_cells_times_seeds_and_mirrors_mlflow(tmp_path, f
     handle = runner.run_study(s, workdir=tmp_path / "wd", trial_fn=f"{fake}:ok", log=lambda m: None)
     trials, parent, children = assert_exactly_planned(handle)
     assert s.n_planned == 8 and len(trials) == 8
-    # grid params: the factors and the seed are the Optuna parameters
-    assert set(trials[0].params) == {"axes.timestep_sampler", "axes.conditioning", "seed"}
+    # grid params: the factors are the Optuna parameters; the seed is a user attr (no factor in the dashboard)
+    assert all(set(t.params) == {"axes.timestep_sampler", "axes.conditioning"} for t in trials)
+    points = Counter((t.params["axes.timestep_sampler"], t.params["axes.conditioning"], t.user_attrs["seed"])
+                     for t in trials)
+    assert len(points) == s.n_planned and set(points.values()) == {1}  # every (cell, seed) exactly once
     child = children[0]
     assert child.data.params["axes.conditioning"] in ("none", "pooled") and "train.lr" in child.data.params
     assert child.data.tags["diffablate.cell"].startswith("axes.conditioning=")
@@ -146,7 +149,9 @@ def test_one_at_a_time_runs_baseline_and_each_single_change(tmp_path, fake):
     assert len(s.cells) == 4 and s.n_planned == 8
     handle = runner.run_study(s, workdir=tmp_path / "wd", trial_fn=f"{fake}:ok", log=lambda m: None)
     trials, _, _ = assert_exactly_planned(handle)
-    assert set(trials[0].params) == {"cell", "seed"}
+    assert all(set(t.params) == {"cell"} for t in trials)
+    assert Counter((t.params["cell"], t.user_attrs["seed"]) for t in trials) == {
+        (c.index, seed): 1 for c in s.cells for seed in s.seeds}
     assert {t.user_attrs["cell"] for t in trials} == {c.label for c in s.cells}
 
 

@@ -129,7 +129,7 @@ def test_dashboard_notes_link_the_mlflow_runs():
 
     note = get_note(study)
     assert "[`parent9`](http://127.0.0.1:5555/#/experiments/7/runs/parent9)" in note
-    assert "best trial" in note and "`seed` appears as a parameter" in note and "diffablate report smoke" in note
+    assert "best trial" in note and "The seed is a user attr, not a parameter" in note and "diffablate report smoke" in note
     assert "(http://127.0.0.1:5555/#/experiments/7/runs/abc123)" in get_note(optuna.trial.Trial(study, trial._trial_id))
     assert links.write_notes(study, spec, "7", "parent9", ui, "diffablate report smoke") == 0  # unchanged: no new version
     assert links.served_ui("http://mlflow:5000/") == "http://mlflow:5000" and links.served_ui("sqlite:///x.db") is None
