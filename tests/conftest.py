@@ -37,6 +37,19 @@ TINY_BASE: dict[str, Any] = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch intra-op thread for a module that trains in-process (`pytestmark =
+    pytest.mark.usefixtures("one_torch_thread")`): on this shared 2-core box two OpenMP threads ran the tiny
+    VAE ~25x slower (965 s vs ~40 s wall for test_vae's module fixture), spinning against other processes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_base_factory() -> Callable[[], dict[str, Any]]:
     """For module- and session-scoped fixtures: returns a fresh copy of the tiny config dict at each call."""

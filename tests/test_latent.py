@@ -48,12 +48,7 @@ def quality(d: Path) -> dict[str, float]:
     return psnr_ssim(held.images, vae.Autoencoder(d).reconstruct(held.images))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as tests/test_vae.py: two threads spin against the other processes here
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,7 @@ def _quality(d: Path) -> dict[str, float]:
     return psnr_ssim(held.images, vae.Autoencoder(d).reconstruct(held.images))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Train on one thread: on this shared 2-core box two OpenMP threads ran the tiny VAE ~25x slower
-    (965 s vs ~40 s wall for the module fixture), spinning against the other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
